@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The few kernel structure fields sockredir reads, declared for CO-RE:
+ * preserve_access_index makes libbpf/cilium-ebpf relocate each access to the
+ * running kernel's layout, so no vmlinux.h is needed. */
+#ifndef __SOCKREDIR_KERNEL_H
+#define __SOCKREDIR_KERNEL_H
+
+#include <linux/types.h>
+
+struct sock {
+	void *sk_user_data; /* the sk_psock, with flags in the low bits */
+} __attribute__((preserve_access_index));
+
+/* Starts with its struct sock, as every kernel socket type does. */
+struct tcp_sock {
+	__u32 write_seq; /* sequence number after the last byte queued to send */
+} __attribute__((preserve_access_index));
+
+struct list_head {
+	struct list_head *next, *prev;
+};
+
+/* A socket's sockmap state; ingress_msg holds redirected bytes not read yet. */
+struct sk_psock {
+	struct list_head ingress_msg;
+} __attribute__((preserve_access_index));
+
+/* The low bits of sk_user_data are flags (SK_USER_DATA_NOCOPY, _BPF, _PSOCK). */
+#define SK_USER_DATA_PTRMASK (~7UL)
+
+struct bpf_iter_meta {
+	void *seq;
+} __attribute__((preserve_access_index));
+
+struct sock_common;
+
+/* Context of an iter/tcp program: one TCP socket of the namespace per call. */
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+} __attribute__((preserve_access_index));
+
+#endif /* __SOCKREDIR_KERNEL_H */

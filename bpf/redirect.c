@@ -1,0 +1,74 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* sk_msg program: runs on every sendmsg of a socket in sock_hash and moves
+ * the message into the peer's receive queue (BPF_F_INGRESS), skipping the
+ * TCP/IP stack. Anything it can't redirect safely goes the normal way. */
+#include "sockredir.h"
+#include "kernel.h"
+
+/* A connection may switch to redirecting only on its first message: bytes
+ * already sent over TCP could still be unread, and the receiver reads
+ * redirected bytes before those, which would reorder them. */
+static __always_inline int nothing_sent_over_tcp(struct bpf_sock *sk, struct sock_state *st)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+	return tp && tp->write_seq == st->peer.remote_seq;
+}
+
+/* Leaves a socket on the normal path for good. Its peer, if it hasn't paired
+ * yet, finds no pending entry and stays out of sock_hash. (A sk_msg program
+ * may not delete from a sockhash, so this socket stays there until it closes;
+ * nothing is ever redirected to it.) */
+static __always_inline void decline(struct sock_state *st)
+{
+	struct sock_key own;
+
+	st->mode = MODE_PASS;
+	mirror_key(&st->peer, &own);
+	bpf_map_delete_elem(&pending, &own);
+	count(COUNTER_PAIRS_DECLINED, 1);
+}
+
+SEC("sk_msg")
+int sockredir_redirect(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	struct sock_state *st;
+
+	if (!sk)
+		goto pass;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	if (!st)
+		goto pass;
+	if (st->mode == MODE_UNDECIDED) {
+		/* The peer is gone or was never inserted, or this side already
+		 * used TCP: stay on TCP. */
+		if (!redirect_enabled() || !nothing_sent_over_tcp(sk, st) ||
+		    bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) != SK_PASS) {
+			decline(st);
+			goto pass;
+		}
+		st->mode = MODE_REDIRECT;
+		goto redirected;
+	}
+	if (st->mode != MODE_REDIRECT)
+		goto pass;
+	/* Stopping is safe at any message: the receiver reads what was
+	 * redirected before what comes over TCP. Starting again is not. */
+	if (!redirect_enabled()) {
+		st->mode = MODE_PASS;
+		goto pass;
+	}
+	if (bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) != SK_PASS)
+		goto pass; /* the peer has closed: TCP reports that as usual */
+redirected:
+	count(COUNTER_MSGS_REDIRECTED, 1);
+	count(COUNTER_BYTES_REDIRECTED, msg->size);
+	return SK_PASS;
+pass:
+	count(COUNTER_MSGS_PASSED, 1);
+	count(COUNTER_BYTES_PASSED, msg->size);
+	return SK_PASS;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Keys, maps and helpers shared by sockredir's BPF programs.
+ *
+ * The sock_ops program (sockops.c) puts the two sockets of a local TCP
+ * connection into sock_hash once both of them are known to be in the
+ * attached cgroup; the sk_msg program (redirect.c) then moves every message
+ * straight into the peer's receive queue. The Go loader (pkg/datapath) mirrors
+ * these layouts; bpf2go generates its types from this file.
+ */
+#ifndef __SOCKREDIR_H
+#define __SOCKREDIR_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* A TCP connection as one of its two sockets sees it.
+ *
+ * IPv4 addresses are kept in their IPv4-mapped IPv6 form (family AF_INET), so
+ * an AF_INET6 socket talking to ::ffff:127.0.0.1 and its AF_INET peer derive
+ * mirror-image keys. netns tells apart namespaces that use the same loopback
+ * 4-tuple at once. local_seq and remote_seq (each side's initial sequence
+ * number + 1) make a key name exactly one connection: only the real peer can
+ * produce the mirror image, so a stale or colliding 4-tuple never receives
+ * someone else's bytes.
+ */
+struct sock_key {
+	__u64 netns;         /* netns cookie for loopback, 0 otherwise */
+	__u32 local_ip[4];   /* network byte order */
+	__u32 remote_ip[4];  /* network byte order */
+	__u32 local_port;    /* host byte order */
+	__u32 remote_port;   /* host byte order */
+	__u32 local_seq;
+	__u32 remote_seq;
+	__u32 family;
+	__u32 pad;
+};
+
+/* What the sk_msg program does with a socket's messages. */
+enum redirect_mode {
+	/* Paired, but no message sent yet: the first one decides. */
+	MODE_UNDECIDED = 0,
+	/* Every message goes to the peer's receive queue. */
+	MODE_REDIRECT = 1,
+	/* Every message takes the normal TCP path, for the rest of the
+	 * connection: going back to redirecting could overtake bytes still on
+	 * the TCP path. */
+	MODE_PASS = 2,
+};
+
+/* Per-socket state, in socket-local storage. */
+struct sock_state {
+	struct sock_key peer;  /* the peer's key in sock_hash */
+	__u32 mode;            /* enum redirect_mode */
+	__u32 pad;
+};
+
+/* Indexes into the counters map; pkg/datapath names them. */
+enum counter {
+	COUNTER_SOCKETS_ADDED,
+	COUNTER_ADD_FAILURES,
+	COUNTER_MSGS_REDIRECTED,
+	COUNTER_BYTES_REDIRECTED,
+	COUNTER_MSGS_PASSED,
+	COUNTER_BYTES_PASSED,
+	COUNTER_PAIRS_DECLINED,
+	COUNTER_MAX,
+};
+
+/* Settings the loader changes at run time. */
+struct settings {
+	/* 0 stops all redirecting: the first step of a lossless `down`. */
+	__u32 redirect_enabled;
+	__u32 pad;
+};
+
+/* The sockets of accelerated connections. Its size is set at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+} sock_hash SEC(".maps");
+
+enum pending_stage {
+	PENDING_SYN = 1,
+	PENDING_CLIENT = 2,
+};
+
+/* Handshakes on their way to a pair (see sockops.c). The SYN stage's keys carry no sequence
+ * numbers (they aren't known yet). LRU: a handshake that never completes
+ * must not hold a slot for ever. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sock_key);
+	__type(value, __u32);
+} pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_state);
+} sock_states SEC(".maps");
+
+/* Addresses of this host (IPv4 as IPv4-mapped IPv6), filled by the loader.
+ * Loopback addresses are recognised without it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32[4]);
+	__type(value, __u8);
+} local_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct settings);
+} settings SEC(".maps");
+
+static __always_inline void count(enum counter c, __u64 n)
+{
+	__u32 key = c;
+	__u64 *v = bpf_map_lookup_elem(&counters, &key);
+
+	if (v)
+		*v += n;
+}
+
+static __always_inline int redirect_enabled(void)
+{
+	__u32 key = 0;
+	struct settings *s = bpf_map_lookup_elem(&settings, &key);
+
+	return s && s->redirect_enabled;
+}
+
+/* The key the peer socket is stored under. */
+static __always_inline void mirror_key(const struct sock_key *k, struct sock_key *m)
+{
+	m->netns = k->netns;
+	__builtin_memcpy(m->local_ip, k->remote_ip, sizeof(m->local_ip));
+	__builtin_memcpy(m->remote_ip, k->local_ip, sizeof(m->remote_ip));
+	m->local_port = k->remote_port;
+	m->remote_port = k->local_port;
+	m->local_seq = k->remote_seq;
+	m->remote_seq = k->local_seq;
+	m->family = k->family;
+	m->pad = 0;
+}
+
+#endif /* __SOCKREDIR_H */

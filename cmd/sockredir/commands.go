@@ -1,0 +1,87 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+)
+
+func newUpCommand(log func() *zap.Logger) *cobra.Command {
+	var cfg datapath.Config
+	cmd := &cobra.Command{
+		Use:   "up",
+		Short: "Attach the datapath to a cgroup and pin it (upgrades in place if already up)",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			cfg.Log = log()
+			_, err := datapath.Up(cfg)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&cfg.Cgroup, "cgroup", "", "cgroup v2 directory to accelerate (default: the root of the cgroup v2 hierarchy)")
+	cmd.Flags().StringVar(&cfg.PinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory for the pins")
+	cmd.Flags().Uint32Var(&cfg.MapSize, "map-size", datapath.DefaultMapSize, "sockets the sockhash holds (two per connection); more connections go the normal way")
+	return cmd
+}
+
+func newDownCommand(log func() *zap.Logger) *cobra.Command {
+	var opts datapath.DownOptions
+	cmd := &cobra.Command{
+		Use:   "down",
+		Short: "Stop accelerating, let readers drain, then detach and unpin everything",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			opts.Log = log()
+			wasUp, err := datapath.Down(opts)
+			if err == nil && !wasUp {
+				log().Info("nothing to do: sockredir is not up", zap.String("pin_dir", opts.PinDir))
+			}
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&opts.PinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory of the pins")
+	cmd.Flags().DurationVar(&opts.DrainTimeout, "drain-timeout", datapath.DefaultDrainTimeout,
+		"how long to wait for applications to read what was redirected to them")
+	return cmd
+}
+
+func newStatusCommand() *cobra.Command {
+	var pinDir string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Say what is attached and what it has done",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			st, err := datapath.ReadStatus(pinDir)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			return st.WriteText(os.Stdout)
+		},
+	}
+	cmd.Flags().StringVar(&pinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory of the pins")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func newVersionCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run: func(*cobra.Command, []string) {
+			fmt.Println("sockredir", version)
+		},
+	}
+}

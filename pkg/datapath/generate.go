@@ -1,0 +1,8 @@
+package datapath
+
+// The generated Go bindings and BPF objects are committed so that `go build`
+// needs no clang; `make generate` reproduces them byte for byte.
+//
+//go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem sockops sockops ../../bpf/sockops.c -- -I../../bpf -I../../bpf/headers -Wall -Werror
+//go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem redirect redirect ../../bpf/redirect.c -- -I../../bpf -I../../bpf/headers -Wall -Werror
+//go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem inspect inspect ../../bpf/inspect.c -- -I../../bpf -I../../bpf/headers -Wall -Werror

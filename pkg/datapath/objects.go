@@ -1,0 +1,72 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// DefaultMapSize is how many sockets sock_hash holds unless told otherwise:
+// two per accelerated connection.
+const DefaultMapSize = 65536
+
+// objects are the loaded programs and maps of one datapath.
+type objects struct {
+	sockops  sockopsObjects
+	redirect redirectObjects
+}
+
+// maps are the maps both programs use, by name; all of them are pinned.
+func (o *objects) maps() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		"sock_hash":   o.sockops.SockHash,
+		"sock_states": o.sockops.SockStates,
+		"local_addrs": o.sockops.LocalAddrs,
+		"counters":    o.sockops.Counters,
+		"settings":    o.sockops.Settings,
+		"pending":     o.sockops.Pending,
+	}
+}
+
+func (o *objects) Close() error {
+	return errors.Join(o.sockops.Close(), o.redirect.Close())
+}
+
+// loadObjects loads both programs. Maps in reuse (by name) are used instead of
+// new ones, which is how an upgrade keeps the sockets of running connections.
+func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
+	sockopsSpec, err := loadSockops()
+	if err != nil {
+		return nil, err
+	}
+	redirectSpec, err := loadRedirect()
+	if err != nil {
+		return nil, err
+	}
+	if mapSize == 0 {
+		return nil, errors.New("the sockhash size must be at least 1")
+	}
+	sockopsSpec.Maps["sock_hash"].MaxEntries = mapSize
+	redirectSpec.Maps["sock_hash"].MaxEntries = mapSize
+
+	o := &objects{}
+	if err := sockopsSpec.LoadAndAssign(&o.sockops, &ebpf.CollectionOptions{MapReplacements: reuse}); err != nil {
+		return nil, fmt.Errorf("loading the sock_ops program: %w", verifierError(err))
+	}
+	if err := redirectSpec.LoadAndAssign(&o.redirect, &ebpf.CollectionOptions{MapReplacements: o.maps()}); err != nil {
+		o.sockops.Close()
+		return nil, fmt.Errorf("loading the sk_msg program: %w", verifierError(err))
+	}
+	return o, nil
+}
+
+// verifierError keeps the end of a verifier log, where the reason is, instead
+// of the whole log.
+func verifierError(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("%+v", ve)
+	}
+	return err
+}

@@ -1,0 +1,153 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+)
+
+// DefaultPinDir is where pins go unless told otherwise.
+const DefaultPinDir = "/sys/fs/bpf/sockredir"
+
+// Names of the pins, besides one per map (named as in bpf/sockredir.h).
+const (
+	pinLink         = "link_sockops"
+	pinSockopsProg  = "prog_sockops"
+	pinRedirectProg = "prog_redirect"
+	pinMeta         = "meta"
+)
+
+// mapNames are the maps that outlive the loader, pinned under their own names.
+var mapNames = []string{"sock_hash", "sock_states", "local_addrs", "counters", "settings", "pending"}
+
+// metaMagic marks a pin directory as sockredir's.
+var metaMagic = [8]byte{'s', 'o', 'c', 'k', 'r', 'e', 'd', 'r'}
+
+// abiVersion names the layout of the pinned maps. An upgrade in place reuses
+// them, so it is possible only between builds with the same abiVersion.
+const abiVersion = 1
+
+// metaRecord is the value of the pinned meta map: what `up` was asked to do,
+// for `status`, `down` and the next `up`.
+type metaRecord struct {
+	Magic   [8]byte
+	ABI     uint32
+	MapSize uint32
+	Cgroup  [4088]byte // NUL-padded path
+}
+
+func (m *metaRecord) cgroup() string {
+	path, _, _ := bytes.Cut(m.Cgroup[:], []byte{0})
+	return string(path)
+}
+
+// pins is a pin directory.
+type pins string
+
+func (p pins) path(name string) string { return filepath.Join(string(p), name) }
+
+func (p pins) has(name string) bool {
+	_, err := os.Stat(p.path(name))
+	return err == nil
+}
+
+// meta returns the pinned metadata; nil, nil when the directory is missing or
+// empty. A directory holding anything else is someone else's.
+func (p pins) meta() (*metaRecord, error) {
+	entries, err := os.ReadDir(string(p))
+	if errors.Is(err, os.ErrNotExist) || (err == nil && len(entries) == 0) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	foreign := fmt.Errorf("pin directory %s holds pins that are not sockredir's: pass another --pin-dir, or remove them if they are stale", p)
+	m, err := ebpf.LoadPinnedMap(p.path(pinMeta), nil)
+	if err != nil {
+		return nil, foreign
+	}
+	defer m.Close()
+	var rec metaRecord
+	if err := m.Lookup(uint32(0), &rec); err != nil || rec.Magic != metaMagic {
+		return nil, foreign
+	}
+	return &rec, nil
+}
+
+// writeMeta pins a new meta map.
+func (p pins) writeMeta(rec *metaRecord) error {
+	m, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "sockredir_meta",
+		Type:       ebpf.Array,
+		KeySize:    4,
+		ValueSize:  uint32(binary.Size(rec)),
+		MaxEntries: 1,
+	})
+	if err != nil {
+		return fmt.Errorf("creating the meta map: %w", err)
+	}
+	defer m.Close()
+	if err := m.Put(uint32(0), rec); err != nil {
+		return err
+	}
+	return m.Pin(p.path(pinMeta))
+}
+
+// loadMaps opens the pinned maps that exist. The caller closes them.
+func (p pins) loadMaps() (map[string]*ebpf.Map, error) {
+	maps := make(map[string]*ebpf.Map)
+	for _, name := range mapNames {
+		if !p.has(name) {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(p.path(name), nil)
+		if err != nil {
+			closeMaps(maps)
+			return nil, fmt.Errorf("opening pinned map %s: %w", name, err)
+		}
+		maps[name] = m
+	}
+	return maps, nil
+}
+
+func closeMaps(maps map[string]*ebpf.Map) {
+	for _, m := range maps {
+		m.Close()
+	}
+}
+
+// pinProgram pins prog under name, replacing an older pin.
+func (p pins) pinProgram(prog *ebpf.Program, name string) error {
+	if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return prog.Pin(p.path(name))
+}
+
+// loadProgram opens a pinned program, or returns nil when there is none.
+func (p pins) loadProgram(name string) (*ebpf.Program, error) {
+	if !p.has(name) {
+		return nil, nil
+	}
+	return ebpf.LoadPinnedProgram(p.path(name), nil)
+}
+
+// removeAll removes every pin sockredir makes, then the directory if that
+// left it empty. Pins of anyone else stay.
+func (p pins) removeAll() error {
+	var errs []error
+	for _, name := range append([]string{pinLink, pinSockopsProg, pinRedirectProg, pinMeta}, mapNames...) {
+		if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.Remove(string(p)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}

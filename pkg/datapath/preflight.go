@@ -1,0 +1,57 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// ErrPrivileges says that the caller may not load and attach BPF programs.
+var ErrPrivileges = errors.New("sockredir needs root (CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo")
+
+// preflight checks what every command that touches the kernel needs, so that
+// a missing privilege or kernel feature is reported before anything changes.
+func preflight() error {
+	if err := checkPrivileges(); err != nil {
+		return err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("raising the locked-memory limit for BPF maps: %w", err)
+	}
+	return checkKernel()
+}
+
+func checkPrivileges() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("reading capabilities: %w", err)
+	}
+	has := func(c int) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+	if has(unix.CAP_SYS_ADMIN) || (has(unix.CAP_BPF) && has(unix.CAP_PERFMON) && has(unix.CAP_NET_ADMIN)) {
+		return nil
+	}
+	return ErrPrivileges
+}
+
+// checkKernel reports a kernel that lacks what the datapath is built on.
+func checkKernel() error {
+	for _, need := range []struct {
+		what  string
+		check func() error
+	}{
+		{"sock_ops programs (CONFIG_CGROUP_BPF)", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+		{"sk_msg programs (CONFIG_BPF_STREAM_PARSER)", func() error { return features.HaveProgramType(ebpf.SkMsg) }},
+		{"sockhash maps (CONFIG_BPF_STREAM_PARSER)", func() error { return features.HaveMapType(ebpf.SockHash) }},
+		{"socket-local storage (CONFIG_BPF_SYSCALL)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
+	} {
+		if err := need.check(); err != nil {
+			return fmt.Errorf("this kernel has no %s, which sockredir needs: %w", need.what, err)
+		}
+	}
+	return nil
+}

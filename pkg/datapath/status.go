@@ -1,0 +1,176 @@
+package datapath
+
+import (
+	"fmt"
+	"io"
+	"text/tabwriter"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sockredir/sockredir/pkg/hostfs"
+)
+
+// Status is what is attached and what it has done.
+type Status struct {
+	Up              bool      `json:"up"`
+	PinDir          string    `json:"pin_dir"`
+	Cgroup          string    `json:"cgroup,omitempty"`
+	RedirectEnabled bool      `json:"redirect_enabled"`
+	MapSize         uint32    `json:"map_size,omitempty"`
+	Sockets         int       `json:"sockets"`
+	UnreadSockets   int       `json:"sockets_with_unread_data"`
+	Programs        []Program `json:"programs,omitempty"`
+	Counters        Counters  `json:"counters"`
+}
+
+// Program is one pinned BPF program.
+type Program struct {
+	Name string `json:"name"`
+	ID   uint32 `json:"id"`
+	Tag  string `json:"tag"`
+}
+
+// Counters are the datapath's totals since `up`, summed over CPUs.
+type Counters struct {
+	SocketsAdded       uint64 `json:"sockets_added"`
+	AddFailures        uint64 `json:"add_failures"`
+	MessagesRedirected uint64 `json:"messages_redirected"`
+	BytesRedirected    uint64 `json:"bytes_redirected"`
+	MessagesPassed     uint64 `json:"messages_passed"`
+	BytesPassed        uint64 `json:"bytes_passed"`
+	PairsDeclined      uint64 `json:"pairs_declined"`
+}
+
+// counterFields lists Counters' fields in the order of enum counter in
+// bpf/sockredir.h.
+func (c *Counters) counterFields() []*uint64 {
+	return []*uint64{&c.SocketsAdded, &c.AddFailures, &c.MessagesRedirected, &c.BytesRedirected,
+		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined}
+}
+
+// ReadStatus reports on the datapath pinned in pinDir (DefaultPinDir if empty).
+func ReadStatus(pinDir string) (Status, error) {
+	if pinDir == "" {
+		pinDir = DefaultPinDir
+	}
+	st := Status{PinDir: pinDir}
+	if err := preflight(); err != nil {
+		return st, err
+	}
+	if err := hostfs.EnsureBPFFS(pinDir); err != nil {
+		return st, err
+	}
+	p := pins(pinDir)
+	meta, err := p.meta()
+	if err != nil || meta == nil {
+		return st, err
+	}
+	st.Up = p.has(pinLink)
+	st.Cgroup = meta.cgroup()
+	st.MapSize = meta.MapSize
+
+	maps, err := p.loadMaps()
+	if err != nil {
+		return st, err
+	}
+	defer closeMaps(maps)
+	if m := maps["settings"]; m != nil {
+		var s sockopsSettings
+		if err := m.Lookup(uint32(0), &s); err != nil {
+			return st, fmt.Errorf("reading settings: %w", err)
+		}
+		st.RedirectEnabled = s.RedirectEnabled != 0
+	}
+	if m := maps["counters"]; m != nil {
+		if st.Counters, err = readCounters(m); err != nil {
+			return st, err
+		}
+	}
+	if st.Sockets, st.UnreadSockets, err = countSockets(maps, st.Cgroup); err != nil {
+		return st, err
+	}
+	for _, name := range []string{pinSockopsProg, pinRedirectProg} {
+		prog, err := p.loadProgram(name)
+		if err != nil || prog == nil {
+			continue
+		}
+		info, err := prog.Info()
+		prog.Close()
+		if err != nil {
+			continue
+		}
+		id, _ := info.ID()
+		st.Programs = append(st.Programs, Program{Name: info.Name, ID: uint32(id), Tag: info.Tag})
+	}
+	return st, nil
+}
+
+// countSockets counts the sockets in sock_hash, and those of them that hold
+// redirected bytes not read yet.
+func countSockets(maps map[string]*ebpf.Map, cgroup string) (sockets, unread int, err error) {
+	sockHash := maps["sock_hash"]
+	if sockHash == nil {
+		return 0, 0, nil
+	}
+	reports, err := inspectSockets(maps, cgroup)
+	if err != nil {
+		return 0, 0, err
+	}
+	var key sockopsSockKey
+	var cookie uint64
+	for it := sockHash.Iterate(); it.Next(&key, &cookie); {
+		sockets++
+		if reports[key].Unread != 0 {
+			unread++
+		}
+	}
+	return sockets, unread, nil
+}
+
+func readCounters(m *ebpf.Map) (Counters, error) {
+	var c Counters
+	for i, field := range c.counterFields() {
+		var perCPU []uint64
+		if err := m.Lookup(uint32(i), &perCPU); err != nil {
+			return c, fmt.Errorf("reading counter %d: %w", i, err)
+		}
+		for _, v := range perCPU {
+			*field += v
+		}
+	}
+	return c, nil
+}
+
+// WriteText prints the status for people.
+func (s Status) WriteText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	if !s.Up && s.Cgroup == "" {
+		fmt.Fprintf(tw, "sockredir is not up (pin directory %s)\n", s.PinDir)
+		return tw.Flush()
+	}
+	state := "up"
+	switch {
+	case !s.Up:
+		state = "detached from the cgroup, sockets still draining (run `sockredir down` again)"
+	case !s.RedirectEnabled:
+		state = "up, redirecting switched off"
+	}
+	c := s.Counters
+	for _, row := range [][2]string{
+		{"state", state},
+		{"cgroup", s.Cgroup},
+		{"pin directory", s.PinDir},
+		{"sockets in map", fmt.Sprintf("%d of %d (%d with unread redirected data)", s.Sockets, s.MapSize, s.UnreadSockets)},
+		{"sockets added", fmt.Sprint(c.SocketsAdded)},
+		{"add failures", fmt.Sprint(c.AddFailures)},
+		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
+		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
+		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
+	} {
+		fmt.Fprintf(tw, "%s:\t%s\n", row[0], row[1])
+	}
+	for _, p := range s.Programs {
+		fmt.Fprintf(tw, "program:\t%s (id %d, tag %s)\n", p.Name, p.ID, p.Tag)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,283 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"go.uber.org/zap"
+
+	"github.com/sockredir/sockredir/pkg/hostfs"
+	"github.com/sockredir/sockredir/pkg/localaddr"
+)
+
+// Config says where to attach and how.
+type Config struct {
+	// Cgroup is the cgroup v2 directory whose sockets are accelerated;
+	// empty means the root of the cgroup v2 hierarchy.
+	Cgroup string
+	// PinDir holds the pins that keep the datapath attached after the
+	// loader exits; empty means DefaultPinDir.
+	PinDir string
+	// MapSize is how many sockets sock_hash holds; 0 means DefaultMapSize.
+	MapSize uint32
+	// Log receives progress; nil means no logging.
+	Log *zap.Logger
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.Cgroup == "" {
+		root, err := hostfs.CgroupV2Mount()
+		if err != nil {
+			return c, err
+		}
+		c.Cgroup = root
+	}
+	if c.PinDir == "" {
+		c.PinDir = DefaultPinDir
+	}
+	if c.MapSize == 0 {
+		c.MapSize = DefaultMapSize
+	}
+	if c.Log == nil {
+		c.Log = zap.NewNop()
+	}
+	return c, nil
+}
+
+// UpResult says what Up did.
+type UpResult string
+
+const (
+	Attached  UpResult = "attached"
+	AlreadyUp UpResult = "already up"
+	Upgraded  UpResult = "upgraded"
+)
+
+// Up attaches the datapath to the cgroup and pins it. When it is already up
+// with the same programs, it changes nothing; with other programs (a new
+// build), it swaps them in place, keeping the maps and so every running
+// connection. On error, whatever this call created is removed again.
+func Up(cfg Config) (UpResult, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return "", err
+	}
+	if err := preflight(); err != nil {
+		return "", err
+	}
+	if err := hostfs.CheckCgroup(cfg.Cgroup); err != nil {
+		return "", err
+	}
+	if err := hostfs.EnsureBPFFS(cfg.PinDir); err != nil {
+		return "", err
+	}
+	p := pins(cfg.PinDir)
+	meta, err := p.meta()
+	if err != nil {
+		return "", err
+	}
+	if meta != nil {
+		if err := compatible(meta, cfg); err != nil {
+			return "", err
+		}
+		cfg.MapSize = meta.MapSize
+	}
+	if err := os.MkdirAll(cfg.PinDir, 0o700); err != nil {
+		return "", fmt.Errorf("creating pin directory: %w", err)
+	}
+
+	res, err := up(cfg, p, meta)
+	if err != nil && meta == nil {
+		// Closing the objects detached what this call attached; its pins
+		// are all that is left.
+		if rmErr := p.removeAll(); rmErr != nil {
+			cfg.Log.Warn("could not remove the pins of a failed up", zap.Error(rmErr))
+		}
+	}
+	return res, err
+}
+
+// compatible reports whether an existing datapath can be kept or upgraded.
+func compatible(meta *metaRecord, cfg Config) error {
+	if meta.ABI != abiVersion {
+		return fmt.Errorf("%s holds a datapath from a sockredir build with another map layout (version %d, this build %d): "+
+			"run that build's `sockredir down` first, or pass another --pin-dir", cfg.PinDir, meta.ABI, abiVersion)
+	}
+	if meta.cgroup() != cfg.Cgroup {
+		return fmt.Errorf("%s is attached to cgroup %s, not %s: run `sockredir down --pin-dir %s` first, or pass another --pin-dir",
+			cfg.PinDir, meta.cgroup(), cfg.Cgroup, cfg.PinDir)
+	}
+	return nil
+}
+
+func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
+	if meta == nil {
+		rec := metaRecord{Magic: metaMagic, ABI: abiVersion, MapSize: cfg.MapSize}
+		if len(cfg.Cgroup) >= len(rec.Cgroup) {
+			return "", fmt.Errorf("cgroup path %s is too long", cfg.Cgroup)
+		}
+		copy(rec.Cgroup[:], cfg.Cgroup)
+		if err := p.writeMeta(&rec); err != nil {
+			return "", err
+		}
+	}
+
+	pinned, err := p.loadMaps()
+	if err != nil {
+		return "", err
+	}
+	defer closeMaps(pinned)
+	objs, err := loadObjects(cfg.MapSize, pinned)
+	if err != nil {
+		return "", err
+	}
+	defer objs.Close()
+	for name, m := range objs.maps() {
+		if pinned[name] != nil {
+			continue
+		}
+		if err := m.Pin(p.path(name)); err != nil {
+			return "", fmt.Errorf("pinning map %s: %w", name, err)
+		}
+	}
+
+	same, err := sameProgramsPinned(p, objs)
+	if err != nil {
+		return "", err
+	}
+	if same && p.has(pinLink) {
+		// A `down` that was interrupted may have switched redirecting off.
+		if err := enableRedirect(objs.sockops.Settings, true); err != nil {
+			return "", err
+		}
+		cfg.Log.Info("already up", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
+		return AlreadyUp, syncLocalAddrs(objs.sockops.LocalAddrs)
+	}
+
+	if err := syncLocalAddrs(objs.sockops.LocalAddrs); err != nil {
+		return "", err
+	}
+	if err := enableRedirect(objs.sockops.Settings, true); err != nil {
+		return "", err
+	}
+	// Sockets already in the map keep the program they were added with;
+	// new ones get this one.
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target:  objs.sockops.SockHash.FD(),
+		Program: objs.redirect.SockredirRedirect,
+		Attach:  ebpf.AttachSkMsgVerdict,
+	}); err != nil {
+		return "", fmt.Errorf("attaching the sk_msg program to the sockhash: %w", err)
+	}
+	if err := p.pinProgram(objs.redirect.SockredirRedirect, pinRedirectProg); err != nil {
+		return "", err
+	}
+	if err := p.pinProgram(objs.sockops.SockredirSockops, pinSockopsProg); err != nil {
+		return "", err
+	}
+
+	// The cgroup attachment comes last: until it exists nothing enters the
+	// map, and a loader killed before it pins the link leaves nothing
+	// attached (an unpinned link dies with its process).
+	if p.has(pinLink) {
+		l, err := link.LoadPinnedLink(p.path(pinLink), nil)
+		if err != nil {
+			return "", fmt.Errorf("opening the pinned cgroup link: %w", err)
+		}
+		defer l.Close()
+		if err := l.Update(objs.sockops.SockredirSockops); err != nil {
+			return "", fmt.Errorf("replacing the sock_ops program: %w", err)
+		}
+		cfg.Log.Info("upgraded in place", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
+		return Upgraded, nil
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{
+		Path:    cfg.Cgroup,
+		Attach:  ebpf.AttachCGroupSockOps,
+		Program: objs.sockops.SockredirSockops,
+	})
+	if err != nil {
+		return "", fmt.Errorf("attaching the sock_ops program to cgroup %s: %w", cfg.Cgroup, err)
+	}
+	defer l.Close()
+	if err := l.Pin(p.path(pinLink)); err != nil {
+		return "", fmt.Errorf("pinning the cgroup link: %w", err)
+	}
+	cfg.Log.Info("attached", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir),
+		zap.Uint32("map_size", cfg.MapSize))
+	return Attached, nil
+}
+
+// sameProgramsPinned reports whether the pinned programs are the ones just
+// loaded (the kernel's tag hashes the instructions).
+func sameProgramsPinned(p pins, objs *objects) (bool, error) {
+	for name, prog := range map[string]*ebpf.Program{
+		pinSockopsProg:  objs.sockops.SockredirSockops,
+		pinRedirectProg: objs.redirect.SockredirRedirect,
+	} {
+		pinnedProg, err := p.loadProgram(name)
+		if err != nil || pinnedProg == nil {
+			return false, err
+		}
+		pinnedInfo, err := pinnedProg.Info()
+		pinnedProg.Close()
+		if err != nil {
+			return false, err
+		}
+		info, err := prog.Info()
+		if err != nil {
+			return false, err
+		}
+		if pinnedInfo.Tag != info.Tag {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+func enableRedirect(settings *ebpf.Map, on bool) error {
+	var s sockopsSettings
+	if on {
+		s.RedirectEnabled = 1
+	}
+	if err := settings.Put(uint32(0), &s); err != nil {
+		return fmt.Errorf("switching redirects %s: %w", map[bool]string{true: "on", false: "off"}[on], err)
+	}
+	return nil
+}
+
+// syncLocalAddrs makes the local_addrs map hold exactly this host's addresses.
+func syncLocalAddrs(m *ebpf.Map) error {
+	addrs, err := localaddr.List()
+	if err != nil {
+		return err
+	}
+	want := make(map[[16]byte]bool, len(addrs))
+	for _, a := range addrs {
+		want[a.As16()] = true // IPv4 in IPv4-mapped form, as the BPF side keys it
+	}
+	var (
+		key   [16]byte
+		stale [][16]byte
+	)
+	var present uint8
+	for it := m.Iterate(); it.Next(&key, &present); {
+		if !want[key] {
+			stale = append(stale, key)
+		}
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	for k := range want {
+		if err := m.Put(k, uint8(1)); err != nil {
+			return fmt.Errorf("adding a local address: %w", err)
+		}
+	}
+	return nil
+}
