@@ -34,7 +34,7 @@ func inspectSockets(maps map[string]*ebpf.Map, cgroup string) (map[sockopsSockKe
 		return nil, err
 	}
 	var objs inspectObjects
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+	if err := loadWithMaps(spec, &objs, maps); err != nil {
 		return nil, fmt.Errorf("loading the socket inspector: %w", verifierError(err))
 	}
 	defer objs.Close()

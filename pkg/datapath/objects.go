@@ -48,17 +48,27 @@ func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
 		return nil, errors.New("the sockhash size must be at least 1")
 	}
 	sockopsSpec.Maps["sock_hash"].MaxEntries = mapSize
-	redirectSpec.Maps["sock_hash"].MaxEntries = mapSize
 
 	o := &objects{}
-	if err := sockopsSpec.LoadAndAssign(&o.sockops, &ebpf.CollectionOptions{MapReplacements: reuse}); err != nil {
+	if err := loadWithMaps(sockopsSpec, &o.sockops, reuse); err != nil {
 		return nil, fmt.Errorf("loading the sock_ops program: %w", verifierError(err))
 	}
-	if err := redirectSpec.LoadAndAssign(&o.redirect, &ebpf.CollectionOptions{MapReplacements: o.maps()}); err != nil {
+	if err := loadWithMaps(redirectSpec, &o.redirect, o.maps()); err != nil {
 		o.sockops.Close()
 		return nil, fmt.Errorf("loading the sk_msg program: %w", verifierError(err))
 	}
 	return o, nil
+}
+
+// loadWithMaps loads spec into objs using the given maps instead of new ones.
+// The spec adopts their sizes: a map's size is set when it is created.
+func loadWithMaps(spec *ebpf.CollectionSpec, objs any, maps map[string]*ebpf.Map) error {
+	for name, m := range maps {
+		if ms := spec.Maps[name]; ms != nil {
+			ms.MaxEntries = m.MaxEntries()
+		}
+	}
+	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: maps})
 }
 
 // verifierError keeps the end of a verifier log, where the reason is, instead

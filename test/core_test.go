@@ -1,0 +1,257 @@
+package test
+
+import (
+	"errors"
+	"net"
+	"os"
+	"runtime"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+// handshakeSegments bounds the TCP segments a redirected connection sends:
+// SYN, SYN-ACK, ACK, two FINs and their ACKs, and a few spare.
+const handshakeSegments = 12
+
+// addVeth adds a veth pair to the test namespace with addr on its first end,
+// so that addr is a local, non-loopback address.
+func addVeth(e *harness.Env, name string, addrs ...string) {
+	e.Do(func() error {
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name + "p"}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			addr, err := netlink.ParseAddr(a)
+			if err != nil {
+				return err
+			}
+			addr.Flags = unix.IFA_F_NODAD // usable at once
+			if err := netlink.AddrAdd(veth, addr); err != nil {
+				return err
+			}
+		}
+		peer, err := netlink.LinkByName(name + "p")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(peer); err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(veth)
+	})
+}
+
+func TestRedirectKeepsBytesIntact(t *testing.T) {
+	for _, c := range []struct {
+		name         string
+		listen, dial string
+	}{
+		{"ipv4", "127.0.0.1:0", ""},
+		{"ipv6", "[::1]:0", ""},
+		{"ipv4-mapped-ipv6", "[::]:0", "::ffff:127.0.0.1"},
+		{"local-address-ipv4", "10.77.0.1:0", ""},
+		{"local-address-ipv6", "[fd77::1]:0", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e := harness.New(t)
+			addVeth(e, "sr0", "10.77.0.1/24", "fd77::1/64")
+			e.Up(0)
+			tr := harness.Transfer{Listen: c.listen, Dial: c.dial, Bytes: transferBytes(t), Seed: 1}
+			var res harness.TransferResult
+			e.Run(harness.Scenario{Transfer: &tr}, &res)
+			tr.Check(t, &res)
+
+			st := e.Status()
+			if st.Counters.SocketsAdded != 2 || st.Counters.BytesRedirected != uint64(2*tr.Bytes) || st.Counters.BytesPassed != 0 {
+				t.Errorf("want 2 sockets added and all %d bytes redirected, got counters %+v", 2*tr.Bytes, st.Counters)
+			}
+			if res.TCPOutSegs > handshakeSegments {
+				t.Errorf("the namespace sent %d TCP segments for %d bytes: data took the TCP path", res.TCPOutSegs, 2*tr.Bytes)
+			}
+		})
+	}
+}
+
+// Without sockredir the same transfer sends data segments: this is what makes
+// the TCPOutSegs assertions above mean something.
+func TestPlainTCPSendsSegments(t *testing.T) {
+	e := harness.New(t)
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 16 << 20, Seed: 2}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if res.TCPOutSegs < 2*handshakeSegments {
+		t.Errorf("plain TCP sent only %d segments for 32 MiB", res.TCPOutSegs)
+	}
+}
+
+func TestManyConnectionsAtOnce(t *testing.T) {
+	e := harness.New(t)
+	e.Up(0)
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 3, Connections: 64}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if got := e.Status().Counters.SocketsAdded; got != 128 {
+		t.Errorf("sockets added: got %d, want 128", got)
+	}
+}
+
+// A full sockhash leaves the connections it has no room for on the normal
+// path; none of them fails.
+func TestFullMapFallsBackToTCP(t *testing.T) {
+	e := harness.New(t)
+	e.Up(4)
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4 << 20, Seed: 4, Connections: 8}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	st := e.Status()
+	total := uint64(2 * tr.Bytes * int64(tr.Connections))
+	if st.Counters.AddFailures == 0 || st.Counters.BytesRedirected >= total {
+		t.Errorf("want add failures and part of the %d bytes on the TCP path with 8 connections and room for 4 sockets, got %+v",
+			total, st.Counters)
+	}
+}
+
+// A server that is not local (in another namespace, behind a veth, outside
+// the cgroup) gets plain TCP: nothing is added to the map.
+func TestNonLocalPeerUntouched(t *testing.T) {
+	e := harness.New(t)
+	peerNS := newPeerNamespace(t, e)
+	e.Up(0)
+
+	var ln net.Listener
+	inNamespace(t, peerNS, func() (err error) {
+		ln, err = net.Listen("tcp", "10.78.0.2:0")
+		return err
+	})
+	defer ln.Close()
+	tr := harness.Transfer{Dial: ln.Addr().String(), Bytes: 8 << 20, Seed: 5}
+	served := make(chan harness.Received, 1)
+	serveErr := make(chan error, 1)
+	go func() {
+		got, err := tr.Serve(ln)
+		served <- got
+		serveErr <- err
+	}()
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	if err := <-serveErr; err != nil {
+		t.Fatal(err)
+	}
+	res.Server = []harness.Received{<-served}
+	tr.Check(t, &res)
+
+	st := e.Status()
+	if st.Counters.SocketsAdded != 0 || st.Counters.MessagesRedirected != 0 || st.Sockets != 0 {
+		t.Errorf("a connection to a remote peer was touched: %+v, %d sockets in the map", st.Counters, st.Sockets)
+	}
+	if res.TCPOutSegs < 2*handshakeSegments {
+		t.Errorf("only %d TCP segments for 16 MiB to a remote peer", res.TCPOutSegs)
+	}
+}
+
+// newPeerNamespace makes a second namespace joined to the test's by a veth
+// pair: 10.78.0.1 on the test's side, 10.78.0.2 on the peer's.
+func newPeerNamespace(t *testing.T, e *harness.Env) netns.NsHandle {
+	var peer netns.NsHandle
+	inNamespace(t, netns.None(), func() (err error) {
+		peer, err = netns.New()
+		return err
+	})
+	t.Cleanup(func() { peer.Close() })
+	e.Do(func() error {
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "sr1"}, PeerName: "sr1p", PeerNamespace: netlink.NsFd(peer)}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return err
+		}
+		return setAddrUp(veth, "10.78.0.1/24")
+	})
+	inNamespace(t, peer, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(lo); err != nil {
+			return err
+		}
+		link, err := netlink.LinkByName("sr1p")
+		if err != nil {
+			return err
+		}
+		return setAddrUp(link, "10.78.0.2/24")
+	})
+	return peer
+}
+
+func setAddrUp(link netlink.Link, cidr string) error {
+	addr, err := netlink.ParseAddr(cidr)
+	if err != nil {
+		return err
+	}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		return err
+	}
+	return netlink.LinkSetUp(link)
+}
+
+// inNamespace runs fn on a throwaway thread in ns; netns.None() means a new
+// namespace that fn creates itself.
+func inNamespace(t *testing.T, ns netns.NsHandle, fn func() error) {
+	t.Helper()
+	done := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		if ns != netns.None() {
+			if err := netns.Set(ns); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- fn()
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestUpDownLifecycle(t *testing.T) {
+	e := harness.New(t)
+	if res := e.Up(0); res != datapath.Attached {
+		t.Fatalf("first up: %s", res)
+	}
+	if res := e.Up(0); res != datapath.AlreadyUp {
+		t.Fatalf("second up: %s, want %s", res, datapath.AlreadyUp)
+	}
+	if ids := e.AttachedSockOps(); len(ids) != 1 {
+		t.Fatalf("sock_ops programs attached to the cgroup: %v, want one", ids)
+	}
+	st := e.Status()
+	if !st.Up || !st.RedirectEnabled || st.Cgroup != e.Cgroup || len(st.Programs) != 2 {
+		t.Fatalf("status after up: %+v", st)
+	}
+
+	wasUp, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir})
+	if err != nil || !wasUp {
+		t.Fatalf("down: %v (was up: %v)", err, wasUp)
+	}
+	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory still there after down: %v", err)
+	}
+	if ids := e.AttachedSockOps(); len(ids) != 0 {
+		t.Errorf("sock_ops programs still attached after down: %v", ids)
+	}
+	wasUp, err = datapath.Down(datapath.DownOptions{PinDir: e.PinDir})
+	if err != nil || wasUp {
+		t.Errorf("second down: %v (was up: %v), want nothing to do", err, wasUp)
+	}
+}
+

@@ -1,0 +1,227 @@
+package harness
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// Transfer runs connections that each stream pseudo-random bytes both ways at
+// once, in writes and reads of varying sizes, and half-close each direction
+// when done. Connection i's client sends the stream of seed Seed+2i, its
+// server that of Seed+2i+1, so a receiver's checksum can be checked against
+// StreamSHA256 without trusting the sender's report.
+type Transfer struct {
+	// Listen is the server's address, e.g. "127.0.0.1:0". Empty means
+	// only the client side runs, against Dial (host:port), served by Serve.
+	Listen string `json:"listen,omitempty"`
+	// Dial is the host the client dials (the listener's port is added);
+	// empty means the listener's own address.
+	Dial        string `json:"dial,omitempty"`
+	Bytes       int64  `json:"bytes"` // per direction and connection
+	Seed        uint64 `json:"seed"`
+	Connections int    `json:"connections,omitempty"` // 0 means 1
+}
+
+// Received is what one side of a connection read.
+type Received struct {
+	SHA256 string `json:"sha256"`
+	Bytes  int64  `json:"bytes"`
+}
+
+// TransferResult is what a Transfer agent reports.
+type TransferResult struct {
+	Client []Received `json:"client"` // what connection i's client read
+	Server []Received `json:"server"` // what connection i's server read, if it ran here
+	// TCPOutSegs is how many TCP segments the namespace sent meanwhile: a
+	// redirected transfer sends little more than its handshakes.
+	TCPOutSegs uint64 `json:"tcp_out_segs"`
+}
+
+// Run runs the transfer in this process.
+func (t *Transfer) Run() (*TransferResult, error) {
+	conns := max(t.Connections, 1)
+	res := &TransferResult{Client: make([]Received, conns)}
+	dial := t.Dial
+	var ln net.Listener
+	if t.Listen != "" {
+		var err error
+		if ln, err = net.Listen("tcp", t.Listen); err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+		if dial == "" {
+			dial = ln.Addr().String()
+		} else {
+			dial = net.JoinHostPort(dial, port)
+		}
+		res.Server = make([]Received, conns)
+	}
+	segsBefore, err := TCPOutSegs()
+	if err != nil {
+		return nil, err
+	}
+
+	var wg sync.WaitGroup
+	errs := make([]error, 2*conns)
+	for i := range conns {
+		// Dialing and accepting in step keeps connection i's two ends
+		// together: the accept queue is in order.
+		client, err := net.Dial("tcp", dial)
+		if err != nil {
+			return nil, err
+		}
+		defer client.Close()
+		wg.Go(func() {
+			res.Client[i], errs[2*i] = Exchange(client.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i))
+		})
+		if ln == nil {
+			continue
+		}
+		server, err := ln.Accept()
+		if err != nil {
+			return nil, err
+		}
+		defer server.Close()
+		wg.Go(func() {
+			res.Server[i], errs[2*i+1] = Exchange(server.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i)+1)
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	segsAfter, err := TCPOutSegs()
+	if err != nil {
+		return nil, err
+	}
+	res.TCPOutSegs = segsAfter - segsBefore
+	return res, nil
+}
+
+// Serve is the server side of a Transfer whose client runs elsewhere: it
+// accepts one connection and exchanges the stream of seed Seed+1.
+func (t *Transfer) Serve(ln net.Listener) (Received, error) {
+	c, err := ln.Accept()
+	if err != nil {
+		return Received{}, err
+	}
+	defer c.Close()
+	return Exchange(c.(*net.TCPConn), t.Bytes, t.Seed+1)
+}
+
+// Exchange writes the stream of (n, seed) to c and half-closes it, while it
+// reads c until EOF; it returns what it read.
+func Exchange(c *net.TCPConn, n int64, seed uint64) (Received, error) {
+	writeErr := make(chan error, 1)
+	go func() { writeErr <- writeStream(c, n, seed) }()
+	got, err := readAll(c, seed)
+	return got, errors.Join(err, <-writeErr)
+}
+
+// StreamSHA256 is the checksum of the n bytes that a sender with seed writes.
+func StreamSHA256(n int64, seed uint64) string {
+	h := sha256.New()
+	stream := rand.NewChaCha8(seedBytes(seed))
+	io.CopyN(h, stream, n)
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// writeStream writes the stream in writes of 1 B to 256 KiB, then half-closes.
+func writeStream(c *net.TCPConn, n int64, seed uint64) error {
+	stream := rand.NewChaCha8(seedBytes(seed))
+	sizes := rand.New(rand.NewPCG(seed, 1))
+	buf := make([]byte, 256<<10)
+	for n > 0 {
+		chunk := buf[:min(int64(1+sizes.IntN(len(buf))), n)]
+		stream.Read(chunk)
+		if _, err := c.Write(chunk); err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		n -= int64(len(chunk))
+	}
+	return c.CloseWrite()
+}
+
+// readAll reads until EOF in reads of varying sizes.
+func readAll(c *net.TCPConn, seed uint64) (Received, error) {
+	sizes := rand.New(rand.NewPCG(seed, 2))
+	h := sha256.New()
+	buf := make([]byte, 256<<10)
+	var total int64
+	for {
+		n, err := c.Read(buf[:1+sizes.IntN(len(buf))])
+		h.Write(buf[:n])
+		total += int64(n)
+		if errors.Is(err, io.EOF) {
+			return Received{SHA256: hex.EncodeToString(h.Sum(nil)), Bytes: total}, nil
+		}
+		if err != nil {
+			return Received{}, fmt.Errorf("read after %d bytes: %w", total, err)
+		}
+	}
+}
+
+func seedBytes(seed uint64) [32]byte {
+	var b [32]byte
+	for i := range 8 {
+		b[i] = byte(seed >> (8 * i))
+	}
+	return b
+}
+
+// TCPOutSegs returns the Tcp OutSegs counter of this process's network
+// namespace, as nstat shows it.
+func TCPOutSegs() (uint64, error) {
+	f, err := os.Open("/proc/self/net/snmp")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	var header []string
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		if len(fields) == 0 || fields[0] != "Tcp:" {
+			continue
+		}
+		if header == nil {
+			header = fields
+			continue
+		}
+		for i, name := range header {
+			if name == "OutSegs" && i < len(fields) {
+				return strconv.ParseUint(fields[i], 10, 64)
+			}
+		}
+	}
+	return 0, errors.New("no Tcp OutSegs in /proc/self/net/snmp")
+}
+
+// Check fails tb unless every receiver got exactly the stream its peer sent.
+func (t *Transfer) Check(tb testing.TB, res *TransferResult) {
+	tb.Helper()
+	for i, got := range res.Client {
+		if want := StreamSHA256(t.Bytes, t.Seed+2*uint64(i)+1); got.SHA256 != want || got.Bytes != t.Bytes {
+			tb.Errorf("connection %d: the client read %d bytes (sha256 %.12s), want %d (sha256 %.12s)",
+				i, got.Bytes, got.SHA256, t.Bytes, want)
+		}
+	}
+	for i, got := range res.Server {
+		if want := StreamSHA256(t.Bytes, t.Seed+2*uint64(i)); got.SHA256 != want || got.Bytes != t.Bytes {
+			tb.Errorf("connection %d: the server read %d bytes (sha256 %.12s), want %d (sha256 %.12s)",
+				i, got.Bytes, got.SHA256, t.Bytes, want)
+		}
+	}
+}
