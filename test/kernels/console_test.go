@@ -1,0 +1,89 @@
+package main
+
+import (
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// A serial console as the VM prints it: CRLF line ends, a kernel message
+// and parallel subtests whose logs are interleaved (output of go1.26).
+const vmConsole = "SOCKREDIR-UNAME 6.12.117+deb12-cloud-amd64\r\n" +
+	`=== RUN   TestPar
+=== RUN   TestPar/a
+=== PAUSE TestPar/a
+=== RUN   TestPar/b
+=== PAUSE TestPar/b
+=== RUN   TestPar/c/nested
+=== PAUSE TestPar/c/nested
+=== CONT  TestPar/a
+=== CONT  TestPar/c/nested
+=== CONT  TestPar/b
+    par_test.go:18: b logging
+=== NAME  TestPar/a
+    par_test.go:12: KNOWN-BAD: a is broken here
+    par_test.go:13: skip a
+=== NAME  TestPar/b
+    par_test.go:20: plain skip b
+[    2.123456] IPv6: ADDRCONF(NETDEV_CHANGE): veth0: link becomes ready
+--- FAIL: TestPar (0.00s)
+    --- FAIL: TestPar/c/nested (0.00s)
+    --- SKIP: TestPar/a (0.02s)
+    --- SKIP: TestPar/b (0.03s)
+=== RUN   TestCutShort
+FAIL
+SOCKREDIR-EXIT 1
+`
+
+func TestParseConsole(t *testing.T) {
+	report, err := parseConsole(strings.NewReader(vmConsole))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if report.release != "6.12.117+deb12-cloud-amd64" {
+		t.Errorf("release = %q", report.release)
+	}
+	if !report.exited || report.exitCode != 1 {
+		t.Errorf("exited, exitCode = %v, %d; want true, 1", report.exited, report.exitCode)
+	}
+	wantOrder := []string{"TestPar", "TestPar/a", "TestPar/b", "TestPar/c/nested", "TestCutShort"}
+	if !slices.Equal(report.tests, wantOrder) {
+		t.Errorf("tests = %q, want %q", report.tests, wantOrder)
+	}
+	want := map[string]testStatus{
+		"TestPar":          statusFail,
+		"TestPar/a":        statusKnownBad,
+		"TestPar/b":        statusSkip,
+		"TestPar/c/nested": statusFail,
+		"TestCutShort":     statusFail, // started, never reported
+	}
+	if !maps.Equal(report.status, want) {
+		t.Errorf("status = %v, want %v", report.status, want)
+	}
+}
+
+func TestParseConsoleWithoutExitMarker(t *testing.T) {
+	report, err := parseConsole(strings.NewReader("=== RUN   TestA\n--- PASS: TestA (0.00s)\n[ 3.1] Kernel panic"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if report.exited {
+		t.Error("exited = true without an exit marker")
+	}
+	if report.status["TestA"] != statusPass {
+		t.Errorf("TestA = %q, want pass", report.status["TestA"])
+	}
+}
+
+func TestNaturalCompareSortsKernelsByVersion(t *testing.T) {
+	packages := []string{
+		"linux-image-6.12.117+deb12-cloud-amd64",
+		"linux-image-6.12.99+deb12-cloud-amd64",
+		"linux-image-6.12.100+deb12-cloud-amd64",
+	}
+	slices.SortFunc(packages, naturalCompare)
+	if newest := packages[len(packages)-1]; newest != "linux-image-6.12.117+deb12-cloud-amd64" {
+		t.Errorf("newest = %s", newest)
+	}
+}

@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// column is one run of the command: natively on the host or in one VM.
+type column struct {
+	Name    string  `json:"name"`              // the kernel release, or "host"
+	Kernel  string  `json:"kernel"`            // `uname -r` where the command ran
+	Package string  `json:"package,omitempty"` // Debian package the VM booted
+	Result  string  `json:"result"`            // "ok", or why the run failed
+	Seconds float64 `json:"seconds"`
+	Log     string  `json:"log,omitempty"`
+	console *consoleReport
+}
+
+const resultOK = "ok"
+
+func (c *column) failed() bool {
+	return c.Result != resultOK || c.console.anyFailed()
+}
+
+// runInVM boots the newest kernel matching pattern and runs the command
+// in it. Problems are reported in the column, never returned, so the
+// other kernels still run.
+func runInVM(opts *options, pattern string) *column {
+	col := &column{Name: pattern, console: &consoleReport{}}
+	start := time.Now()
+	defer func() { finishColumn(col, start, opts.verbose) }()
+
+	pkg, err := resolvePackage(pattern)
+	if err != nil {
+		col.Result = "error: " + err.Error()
+		return col
+	}
+	col.Name, col.Package = pkg, pkg
+	k, err := prepareKernel(opts.cacheDir, pkg, opts.modules)
+	if err != nil {
+		col.Result = "error: " + err.Error()
+		return col
+	}
+	col.Name, col.Kernel = k.release, k.release
+	col.Log = filepath.Join(opts.logDir, k.release+".log")
+	col.Result = boot(k, opts, col)
+	return col
+}
+
+// boot runs the command in a VM of kernel k, fills col.console from the
+// console and returns the run's result.
+func boot(k *kernel, opts *options, col *column) (result string) {
+	initrd, err := os.CreateTemp("", "sockredir-initramfs-*.cpio.gz")
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	initrd.Close()
+	defer os.Remove(initrd.Name())
+	if err := buildInitramfs(initrd.Name(), k, opts); err != nil {
+		return "error: initramfs: " + err.Error()
+	}
+
+	fmt.Printf("== %s: booting %s under qemu (TCG)\n", k.release, k.pkg)
+	ctx, cancel := context.WithTimeout(context.Background(), opts.timeout)
+	defer cancel()
+	qemu := exec.CommandContext(ctx, "qemu-system-x86_64",
+		"-accel", "tcg", // KVM is not usable on our machines
+		"-m", "2048", "-smp", "2",
+		// Like -nographic, but without SeaBIOS's terminal-reset escapes
+		// in the console.
+		"-display", "none", "-serial", "stdio", "-monitor", "none",
+		"-no-reboot",
+		"-nic", "none", // tests only need loopback and veth in the guest
+		"-kernel", k.vmlinuz,
+		"-initrd", initrd.Name(),
+		"-append", "console=ttyS0 panic=-1 quiet")
+	qemuErr := runLogged(qemu, col.Log, opts.verbose)
+	timedOut := ctx.Err() != nil
+	console, err := parseConsoleFile(col.Log)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	col.console = console
+	if console.release != "" {
+		col.Name, col.Kernel = console.release, console.release
+	}
+	switch {
+	case timedOut:
+		return fmt.Sprintf("timeout after %s", opts.timeout)
+	case !console.exited && qemuErr != nil:
+		return "qemu failed: " + qemuErr.Error()
+	case !console.exited:
+		return "no exit marker (guest crashed?)"
+	case console.exitCode == setupFailedExit:
+		return "VM setup failed"
+	case console.exitCode != 0:
+		return fmt.Sprintf("exit %d", console.exitCode)
+	}
+	return resultOK
+}
+
+// runOnHost runs the command natively, with each --bin's VM path
+// (/bin/NAME) in the command's first word mapped back to the host file.
+func runOnHost(opts *options) *column {
+	col := &column{Name: "host", Kernel: hostRelease(), console: &consoleReport{}}
+	start := time.Now()
+	defer func() { finishColumn(col, start, opts.verbose) }()
+
+	argv := append([]string(nil), opts.command...)
+	for _, bin := range opts.bins {
+		if argv[0] == "/bin/"+filepath.Base(bin) {
+			if abs, err := filepath.Abs(bin); err == nil {
+				argv[0] = abs
+			}
+		}
+	}
+	fmt.Printf("== host (%s): running %s\n", col.Kernel, strings.Join(argv, " "))
+	col.Log = filepath.Join(opts.logDir, "host.log")
+	ctx, cancel := context.WithTimeout(context.Background(), opts.timeout)
+	defer cancel()
+	command := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	command.Env = append(os.Environ(), opts.env...)
+	runErr := runLogged(command, col.Log, opts.verbose)
+	timedOut := ctx.Err() != nil
+	console, err := parseConsoleFile(col.Log)
+	if err != nil {
+		col.Result = "error: " + err.Error()
+		return col
+	}
+	col.console = console
+	var exitErr *exec.ExitError
+	switch {
+	case timedOut:
+		col.Result = fmt.Sprintf("timeout after %s", opts.timeout)
+	case errors.As(runErr, &exitErr):
+		col.Result = fmt.Sprintf("exit %d", exitErr.ExitCode())
+	case runErr != nil:
+		col.Result = "error: " + runErr.Error()
+	default:
+		col.Result = resultOK
+	}
+	return col
+}
+
+// runLogged runs cmd with its output going to logPath (and stdout if
+// verbose). Commands come from exec.CommandContext: when their context's
+// timeout hits, only the process started here is killed, by its pid.
+func runLogged(cmd *exec.Cmd, logPath string, verbose bool) error {
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return err
+	}
+	defer logFile.Close()
+	var output io.Writer = logFile
+	if verbose {
+		output = io.MultiWriter(logFile, os.Stdout)
+	}
+	cmd.Stdin = nil // /dev/null: keeps qemu's serial console off the terminal
+	cmd.Stdout = output
+	cmd.Stderr = output
+	cmd.WaitDelay = 10 * time.Second // don't hang on pipes a child kept open
+	return cmd.Run()
+}
+
+// finishColumn records the duration and reports the run. On failure the
+// whole console is printed unless --v already streamed it: it is the only
+// trace of what the guest did.
+func finishColumn(col *column, start time.Time, outputShown bool) {
+	col.Seconds = time.Since(start).Seconds()
+	fmt.Printf("== %s: %s in %.1fs\n", col.Name, col.Result, col.Seconds)
+	if !col.failed() || col.Log == "" || outputShown {
+		return
+	}
+	console, err := os.ReadFile(col.Log)
+	if err != nil {
+		fmt.Printf("cannot read %s: %v\n", col.Log, err)
+		return
+	}
+	fmt.Printf("---- output of %s (%s) ----\n%s\n---- end of output of %s ----\n",
+		col.Name, col.Log, strings.TrimRight(string(console), "\n"), col.Name)
+}
+
+func hostRelease() string {
+	release, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(release))
+}
