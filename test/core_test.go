@@ -254,4 +254,3 @@ func TestUpDownLifecycle(t *testing.T) {
 		t.Errorf("second down: %v (was up: %v), want nothing to do", err, wasUp)
 	}
 }
-

@@ -1,0 +1,64 @@
+# sockredir: accelerate TCP between local sockets with sock_ops + sk_msg.
+# `make help` lists the targets.
+
+GO      ?= go
+BUILD   := build
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+# Each direction of each end-to-end connection carries this much inside the
+# emulated kernels (the host runs use the tests' default).
+VM_TEST_BYTES ?= 8388608
+
+# Debian packages for building the BPF objects and for the tests.
+DEPS := clang llvm libbpf-dev bpftool linux-libc-dev iproute2 \
+	qemu-system-x86 busybox-static xz-utils
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build generate check-generate test test-host test-kernels up down status vet
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## Install the Debian packages the build and tests need (root; skipped when present)
+	@missing=$$(for p in $(DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build: ## Build build/sockredir (no clang needed: the BPF objects are committed)
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BUILD)/sockredir ./cmd/sockredir
+
+generate: ## Rebuild the BPF objects and their Go bindings from bpf/ (needs clang)
+	$(GO) generate ./pkg/...
+
+check-generate: generate ## Fail if the committed BPF objects don't match their sources
+	@git diff --exit-code --stat -- '*.o' '*_bpfel.go' || \
+		{ echo "the committed BPF objects differ from bpf/: run 'make generate' and commit"; exit 1; }
+
+vet: ## Run go vet and check formatting
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "run gofmt -w"; exit 1; }
+
+test: deps vet test-host test-kernels ## Run the whole test suite: unit, end-to-end on this kernel, and on 6.1 and 6.12 (root)
+
+test-host: ## Unit tests and the end-to-end tests on this host's kernel (root)
+	$(GO) test -count=1 -timeout 20m ./...
+
+test-kernels: ## The end-to-end tests inside Debian's 6.1 and 6.12 kernels under qemu (root)
+	mkdir -p $(BUILD)
+	CGO_ENABLED=0 $(GO) test -c -o $(BUILD)/e2e.test ./test
+	$(MAKE) build
+	$(GO) run ./test/kernels --bin $(BUILD)/e2e.test --bin $(BUILD)/sockredir \
+		--env SOCKREDIR_TEST_BYTES=$(VM_TEST_BYTES) --env SOCKREDIR_BIN=/bin/sockredir \
+		--json $(BUILD)/kernel-matrix.json --markdown $(BUILD)/kernel-matrix.md \
+		-- /bin/e2e.test -test.v -test.timeout 12m
+
+up: build ## Build and attach with the defaults: the whole cgroup v2 hierarchy (root)
+	$(BUILD)/sockredir up
+
+down: build ## Detach without losing queued bytes (root)
+	$(BUILD)/sockredir down
+
+status: build ## Show what is attached and its counters (root)
+	$(BUILD)/sockredir status

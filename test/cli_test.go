@@ -1,0 +1,151 @@
+package test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+var (
+	buildOnce  sync.Once
+	builtPath  string
+	buildError error
+)
+
+// sockredirBinary is SOCKREDIR_BIN (the kernel matrix ships one), or a fresh
+// build of cmd/sockredir.
+func sockredirBinary(t *testing.T) string {
+	if p := os.Getenv("SOCKREDIR_BIN"); p != "" {
+		return p
+	}
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "sockredir-bin-")
+		if err != nil {
+			buildError = err
+			return
+		}
+		os.Chmod(dir, 0o755) // the unprivileged test runs it too
+		builtPath = filepath.Join(dir, "sockredir")
+		out, err := exec.Command("go", "build", "-o", builtPath, "../cmd/sockredir").CombinedOutput()
+		if err != nil {
+			buildError = errors.New(string(out))
+		}
+	})
+	if buildError != nil {
+		t.Fatalf("building sockredir: %v", buildError)
+	}
+	return builtPath
+}
+
+type cliResult struct {
+	code           int
+	stdout, stderr string
+}
+
+func runCLI(t *testing.T, attr *syscall.SysProcAttr, args ...string) cliResult {
+	t.Helper()
+	cmd := exec.Command(sockredirBinary(t), args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr, cmd.SysProcAttr = &stdout, &stderr, attr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatal(err)
+	}
+	return cliResult{cmd.ProcessState.ExitCode(), stdout.String(), stderr.String()}
+}
+
+func TestCLIUpStatusDown(t *testing.T) {
+	e := harness.New(t)
+	if r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir); r.code != 0 {
+		t.Fatalf("up: exit %d: %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir, "--log-format", "json"); r.code != 0 ||
+		!strings.Contains(r.stderr, `"msg":"already up"`) {
+		t.Errorf("second up: exit %d, want 0 and a JSON log saying it is already up: %s", r.code, r.stderr)
+	}
+	r := runCLI(t, nil, "status", "--pin-dir", e.PinDir, "--json")
+	var st datapath.Status
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || r.code != 0 {
+		t.Fatalf("status --json: exit %d, %v: %s%s", r.code, err, r.stdout, r.stderr)
+	}
+	if !st.Up || st.Cgroup != e.Cgroup || len(st.Programs) != 2 {
+		t.Errorf("status: %+v", st)
+	}
+	if r := runCLI(t, nil, "status", "--pin-dir", e.PinDir); !strings.Contains(r.stdout, "state:") {
+		t.Errorf("status: %s", r.stdout)
+	}
+	if r := runCLI(t, nil, "down", "--pin-dir", e.PinDir); r.code != 0 {
+		t.Fatalf("down: exit %d: %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, nil, "down", "--pin-dir", e.PinDir); r.code != 0 || !strings.Contains(r.stderr, "not up") {
+		t.Errorf("down with nothing up: exit %d, want 0 and a note: %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, nil, "status", "--pin-dir", e.PinDir); !strings.Contains(r.stdout, "not up") {
+		t.Errorf("status with nothing up: %s", r.stdout)
+	}
+}
+
+// Bad input gets one clear line, exit status 1, and leaves nothing attached
+// or pinned.
+func TestCLIErrors(t *testing.T) {
+	e := harness.New(t)
+	foreign := e.PinDir + "-foreign"
+	if err := os.Mkdir(foreign, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(foreign)
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Pin(filepath.Join(foreign, "someone_elses_map")); err != nil {
+		t.Fatal(err)
+	}
+	nobody := &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+
+	for _, c := range []struct {
+		name   string
+		attr   *syscall.SysProcAttr
+		args   []string
+		pinDir string
+		want   string
+	}{
+		{"missing cgroup", nil, []string{"up", "--cgroup", e.Cgroup + "/nope"}, e.PinDir, "does not exist"},
+		{"not a cgroup", nil, []string{"up", "--cgroup", "/proc"}, e.PinDir, "is not a cgroup v2 directory"},
+		{"pin dir not on bpffs", nil, []string{"up", "--cgroup", e.Cgroup}, t.TempDir() + "/pins", "is not on a BPF filesystem"},
+		{"foreign pin dir", nil, []string{"up", "--cgroup", e.Cgroup}, foreign, "not sockredir's"},
+		{"not root", nobody, []string{"up", "--cgroup", e.Cgroup}, e.PinDir, "needs root"},
+		{"bad log format", nil, []string{"up", "--log-format", "xml", "--cgroup", e.Cgroup}, e.PinDir, "--log-format must be console or json"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := runCLI(t, c.attr, append(c.args, "--pin-dir", c.pinDir)...)
+			if r.code != 1 || !strings.Contains(r.stderr, c.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+				t.Errorf("exit %d, stderr %q: want exit 1 and one line containing %q", r.code, r.stderr, c.want)
+			}
+			if c.pinDir != foreign {
+				if _, err := os.Stat(c.pinDir); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("pin directory %s left behind", c.pinDir)
+				}
+			} else if entries, _ := os.ReadDir(foreign); len(entries) != 1 {
+				t.Errorf("the foreign pin directory was changed: %v", entries)
+			}
+			if ids := e.AttachedSockOps(); len(ids) != 0 {
+				t.Errorf("sock_ops programs left attached: %v", ids)
+			}
+		})
+	}
+}
