@@ -7,9 +7,37 @@
 
 #include <linux/types.h>
 
+struct file {
+	unsigned int f_flags;
+} __attribute__((preserve_access_index));
+
+struct sock;
+
+struct socket {
+	struct file *file;
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
 struct sock {
 	void *sk_user_data; /* the sk_psock, with flags in the low bits */
+	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
+
+struct task_struct;
+
+/* The system call number, on the two architectures sockredir builds for:
+ * CO-RE keeps whichever field the running kernel has. */
+struct pt_regs___x86 {
+	unsigned long orig_ax;
+} __attribute__((preserve_access_index));
+
+struct pt_regs___arm64 {
+	int syscallno;
+} __attribute__((preserve_access_index));
+
+#define MAY_READ 0x4
+
+#define O_NONBLOCK 00004000
 
 /* Starts with its struct sock, as every kernel socket type does. */
 struct tcp_sock {

@@ -15,6 +15,8 @@
  *      only the real peer can produce.
  */
 #include "sockredir.h"
+#include "kernel.h"
+#include <bpf/bpf_core_read.h>
 
 /* Consumes the pending entry k at stage, if there is one. */
 static __always_inline int take_pending(struct sock_key *k, __u32 stage)
@@ -113,6 +115,17 @@ static __always_inline void note_handshake(struct bpf_sock_ops *skops)
 	bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
 }
 
+/* A blocking reader of a socket in a sockhash can get EAGAIN from recv(2)
+ * whenever it wakes without data (the ACK of its own FIN after a half-close,
+ * a signal): tcp_bpf_recvmsg waits only once, on every kernel. So a client
+ * that connected with a blocking socket is left on plain TCP. */
+static __always_inline int is_blocking(struct bpf_sock *sk)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+	return !tp || !(BPF_CORE_READ((struct sock *)tp, sk_socket, file, f_flags) & O_NONBLOCK);
+}
+
 static __always_inline void add_active(struct bpf_sock_ops *skops)
 {
 	struct sock_key k, server;
@@ -126,6 +139,10 @@ static __always_inline void add_active(struct bpf_sock_ops *skops)
 	mirror_key(&k, &server);
 	if (!take_pending(&server, PENDING_SYN))
 		return;
+	if (!skops->sk || is_blocking(skops->sk)) {
+		count(COUNTER_BLOCKING_SKIPPED, 1);
+		return;
+	}
 
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;

@@ -24,10 +24,11 @@ var (
 	buildError error
 )
 
-// sockredirBinary is SOCKREDIR_BIN (the kernel matrix ships one), or a fresh
-// build of cmd/sockredir.
+// sockredirBinary is the sockredir next to the test binary (make
+// test-kernels puts both in build/ and in the VMs' /bin), or a fresh build of
+// cmd/sockredir.
 func sockredirBinary(t *testing.T) string {
-	if p := os.Getenv("SOCKREDIR_BIN"); p != "" {
+	if p := filepath.Join(filepath.Dir(os.Args[0]), "sockredir"); isExecutable(p) {
 		return p
 	}
 	buildOnce.Do(func() {
@@ -47,6 +48,11 @@ func sockredirBinary(t *testing.T) string {
 		t.Fatalf("building sockredir: %v", buildError)
 	}
 	return builtPath
+}
+
+func isExecutable(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
 }
 
 type cliResult struct {

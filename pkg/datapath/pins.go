@@ -17,6 +17,7 @@ const DefaultPinDir = "/sys/fs/bpf/sockredir"
 // Names of the pins, besides one per map (named as in bpf/sockredir.h).
 const (
 	pinLink         = "link_sockops"
+	pinGuardLink    = "link_splice_guard"
 	pinSockopsProg  = "prog_sockops"
 	pinRedirectProg = "prog_redirect"
 	pinMeta         = "meta"
@@ -141,7 +142,7 @@ func (p pins) loadProgram(name string) (*ebpf.Program, error) {
 // left it empty. Pins of anyone else stay.
 func (p pins) removeAll() error {
 	var errs []error
-	for _, name := range append([]string{pinLink, pinSockopsProg, pinRedirectProg, pinMeta}, mapNames...) {
+	for _, name := range append([]string{pinLink, pinGuardLink, pinSockopsProg, pinRedirectProg, pinMeta}, mapNames...) {
 		if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

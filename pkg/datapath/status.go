@@ -12,15 +12,20 @@ import (
 
 // Status is what is attached and what it has done.
 type Status struct {
-	Up              bool      `json:"up"`
-	PinDir          string    `json:"pin_dir"`
-	Cgroup          string    `json:"cgroup,omitempty"`
-	RedirectEnabled bool      `json:"redirect_enabled"`
-	MapSize         uint32    `json:"map_size,omitempty"`
-	Sockets         int       `json:"sockets"`
-	UnreadSockets   int       `json:"sockets_with_unread_data"`
-	Programs        []Program `json:"programs,omitempty"`
-	Counters        Counters  `json:"counters"`
+	Up              bool   `json:"up"`
+	PinDir          string `json:"pin_dir"`
+	Cgroup          string `json:"cgroup,omitempty"`
+	RedirectEnabled bool   `json:"redirect_enabled"`
+	// SpliceGuard says whether splice(2) reads of accelerated sockets are
+	// turned into EINVAL; without it a splice reader loses redirected bytes.
+	SpliceGuard bool `json:"splice_guard"`
+	// Kernel is what this kernel does with sockets in a sockhash.
+	Kernel        KernelRules `json:"kernel"`
+	MapSize       uint32      `json:"map_size,omitempty"`
+	Sockets       int         `json:"sockets"`
+	UnreadSockets int         `json:"sockets_with_unread_data"`
+	Programs      []Program   `json:"programs,omitempty"`
+	Counters      Counters    `json:"counters"`
 }
 
 // Program is one pinned BPF program.
@@ -39,13 +44,14 @@ type Counters struct {
 	MessagesPassed     uint64 `json:"messages_passed"`
 	BytesPassed        uint64 `json:"bytes_passed"`
 	PairsDeclined      uint64 `json:"pairs_declined"`
+	BlockingSkipped    uint64 `json:"blocking_skipped"`
 }
 
 // counterFields lists Counters' fields in the order of enum counter in
 // bpf/sockredir.h.
 func (c *Counters) counterFields() []*uint64 {
 	return []*uint64{&c.SocketsAdded, &c.AddFailures, &c.MessagesRedirected, &c.BytesRedirected,
-		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined}
+		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined, &c.BlockingSkipped}
 }
 
 // ReadStatus reports on the datapath pinned in pinDir (DefaultPinDir if empty).
@@ -57,6 +63,11 @@ func ReadStatus(pinDir string) (Status, error) {
 	if err := preflight(); err != nil {
 		return st, err
 	}
+	rules, err := ProbeKernel()
+	if err != nil {
+		return st, fmt.Errorf("probing the kernel: %w", err)
+	}
+	st.Kernel = rules
 	if err := hostfs.EnsureBPFFS(pinDir); err != nil {
 		return st, err
 	}
@@ -66,6 +77,7 @@ func ReadStatus(pinDir string) (Status, error) {
 		return st, err
 	}
 	st.Up = p.has(pinLink)
+	st.SpliceGuard = p.has(pinGuardLink)
 	st.Cgroup = meta.cgroup()
 	st.MapSize = meta.MapSize
 
@@ -144,8 +156,15 @@ func readCounters(m *ebpf.Map) (Counters, error) {
 // WriteText prints the status for people.
 func (s Status) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fionread := "counts redirected and TCP bytes"
+	switch {
+	case !s.Kernel.FIONREADCountsRedirected:
+		fionread = "ignores redirected bytes on this kernel: applications that size reads with it may stall"
+	case !s.Kernel.FIONREADCountsTCP:
+		fionread = "ignores TCP bytes of sockets in the map on this kernel (sockredir inserts only paired sockets)"
+	}
 	if !s.Up && s.Cgroup == "" {
-		fmt.Fprintf(tw, "sockredir is not up (pin directory %s)\n", s.PinDir)
+		fmt.Fprintf(tw, "sockredir is not up (pin directory %s)\nFIONREAD:\t%s\n", s.PinDir, fionread)
 		return tw.Flush()
 	}
 	state := "up"
@@ -160,10 +179,13 @@ func (s Status) WriteText(w io.Writer) error {
 		{"state", state},
 		{"cgroup", s.Cgroup},
 		{"pin directory", s.PinDir},
+		{"FIONREAD", fionread},
+		{"splice guard", map[bool]string{true: "on", false: "unavailable on this kernel: splice(2) readers of accelerated sockets lose data"}[s.SpliceGuard]},
 		{"sockets in map", fmt.Sprintf("%d of %d (%d with unread redirected data)", s.Sockets, s.MapSize, s.UnreadSockets)},
 		{"sockets added", fmt.Sprint(c.SocketsAdded)},
 		{"add failures", fmt.Sprint(c.AddFailures)},
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
+		{"blocking clients left on TCP", fmt.Sprint(c.BlockingSkipped)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {

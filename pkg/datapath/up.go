@@ -160,6 +160,10 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if err := syncLocalAddrs(objs.sockops.LocalAddrs); err != nil {
 		return "", err
 	}
+	if err := attachSpliceGuard(p, objs.maps()); err != nil {
+		cfg.Log.Warn("splice(2) readers of accelerated sockets are not protected: "+
+			"the splice guard could not be attached (see docs/correctness.md)", zap.Error(err))
+	}
 	if err := enableRedirect(objs.sockops.Settings, true); err != nil {
 		return "", err
 	}

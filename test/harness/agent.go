@@ -17,6 +17,7 @@ const agentEnv = "SOCKREDIR_TEST_AGENT"
 // Scenario is what an agent does; exactly one field is set.
 type Scenario struct {
 	Transfer *Transfer `json:"transfer,omitempty"`
+	Case     *Case     `json:"case,omitempty"`
 }
 
 // MaybeRunAgent must be called first in TestMain: when this process was
@@ -34,6 +35,8 @@ func MaybeRunAgent() {
 		switch {
 		case s.Transfer != nil:
 			result, err = s.Transfer.Run()
+		case s.Case != nil:
+			result, err = s.Case.Run()
 		default:
 			err = fmt.Errorf("empty scenario %s", spec)
 		}

@@ -1,0 +1,52 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* BPF LSM program: makes splice(2) and sendfile(2) fail with EINVAL when they
+ * would read from one of sockredir's sockets.
+ *
+ * Redirected bytes wait in the socket's psock queue, which only recvmsg reads;
+ * tcp_splice_read reads the TCP receive queue alone, so a splice reader would
+ * see none of them and then a clean EOF. EINVAL is what splice returns for a
+ * file that can't be spliced, and readers such as Go's io.Copy then fall back
+ * to read(2). vfs_splice_read, like vfs_read, asks security_file_permission
+ * first; the system call tells the two apart. Kernels that refuse BPF LSM
+ * programs can't have this guard: see docs/correctness.md. */
+#include "sockredir.h"
+#include "kernel.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#define EINVAL 22
+
+static __always_inline int is_splice_syscall(void)
+{
+	struct pt_regs___x86 *x86 = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	struct pt_regs___arm64 *arm64 = (void *)x86;
+
+	if (bpf_core_field_exists(x86->orig_ax)) {
+		long nr = BPF_CORE_READ(x86, orig_ax);
+		return nr == 275 /* splice */ || nr == 40 /* sendfile */;
+	}
+	if (bpf_core_field_exists(arm64->syscallno)) {
+		int nr = BPF_CORE_READ(arm64, syscallno);
+		return nr == 76 /* splice */ || nr == 71 /* sendfile */;
+	}
+	return 0;
+}
+
+SEC("lsm/file_permission")
+int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
+{
+	struct socket *sock;
+	struct sock *sk;
+
+	if (ret || !(mask & MAY_READ))
+		return ret;
+	sock = bpf_sock_from_file(file);
+	if (!sock)
+		return 0;
+	sk = sock->sk; /* a BTF pointer, as bpf_sk_storage_get needs */
+	if (!sk || !bpf_sk_storage_get(&sock_states, sk, 0, 0))
+		return 0;
+	return is_splice_syscall() ? -EINVAL : 0;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

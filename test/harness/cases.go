@@ -1,0 +1,432 @@
+package harness
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Case is one way of using a socket that sockredir must not break; the
+// zero-loss matrix runs each with and without acceleration.
+type Case struct {
+	Name  string `json:"name"`
+	Bytes int64  `json:"bytes"`
+}
+
+// CaseResult is what a case observed, for the test to judge.
+type CaseResult struct {
+	// Received is what each named receiver read, with the seed of the
+	// stream it should have read.
+	Received map[string]Checked `json:"received,omitempty"`
+	// Errors are the errors the application saw, by who saw them.
+	Errors map[string]string `json:"errors,omitempty"`
+	// Values are other observations (FIONREAD, readiness, ...).
+	Values map[string]int64 `json:"values,omitempty"`
+}
+
+// Checked is what a receiver read and what it should have read.
+type Checked struct {
+	Received
+	WantSeed uint64 `json:"want_seed"`
+	WantSize int64  `json:"want_size"`
+}
+
+// Intact reports whether the receiver read exactly the sender's stream.
+func (c Checked) Intact() bool {
+	return c.Bytes == c.WantSize && c.SHA256 == StreamSHA256(c.WantSize, c.WantSeed)
+}
+
+var cases = map[string]func(Case) (*CaseResult, error){
+	"half-close-blocking-client": halfCloseBlockingClient,
+	"splice-relay":               spliceRelay,
+	"sendfile":                   sendfileSender,
+	"peek":                       peek,
+	"fionread":                   fionread,
+	"rcvlowat":                   rcvlowat,
+	"abortive-close":             abortiveClose,
+}
+
+// Run runs the case in this process.
+func (c *Case) Run() (*CaseResult, error) {
+	fn, ok := cases[c.Name]
+	if !ok {
+		return nil, fmt.Errorf("no case %q", c.Name)
+	}
+	return fn(*c)
+}
+
+func newResult() *CaseResult {
+	return &CaseResult{Received: map[string]Checked{}, Errors: map[string]string{}, Values: map[string]int64{}}
+}
+
+// pair returns the two ends of a fresh loopback connection.
+func pair() (client, server *net.TCPConn, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	return c.(*net.TCPConn), s.(*net.TCPConn), nil
+}
+
+// halfCloseBlockingClient is the classic client: a blocking socket that
+// sends its request, shuts down its sending side, then blocks in recv(2)
+// until the server's answer ends.
+func halfCloseBlockingClient(c Case) (*CaseResult, error) {
+	res := newResult()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	serverDone := make(chan error, 1)
+	go func() {
+		s, err := ln.Accept()
+		if err != nil {
+			serverDone <- err
+			return
+		}
+		defer s.Close()
+		got, err := readAll(s.(*net.TCPConn), 0)
+		res.Received["server"] = Checked{got, 1, c.Bytes}
+		if err == nil {
+			time.Sleep(20 * time.Millisecond) // let the client block in recv first
+			err = writeStream(s.(*net.TCPConn), c.Bytes, 2)
+		}
+		serverDone <- err
+	}()
+
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0) // blocking
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	port := ln.Addr().(*net.TCPAddr).Port
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return nil, err
+	}
+	if _, err := io.Copy(fdWriter(fd), io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
+		res.Errors["client write"] = err.Error()
+	}
+	unix.Shutdown(fd, unix.SHUT_WR)
+	h := sha256.New()
+	var n int64
+	buf := make([]byte, 64<<10)
+	for {
+		k, err := unix.Read(fd, buf)
+		if err != nil {
+			res.Errors["client read"] = err.Error()
+			break
+		}
+		if k == 0 {
+			break
+		}
+		h.Write(buf[:k])
+		n += int64(k)
+	}
+	res.Received["client"] = Checked{Received{hex.EncodeToString(h.Sum(nil)), n}, 2, c.Bytes}
+	if err := <-serverDone; err != nil {
+		res.Errors["server"] = err.Error()
+	}
+	return res, nil
+}
+
+type fdWriter int
+
+func (fd fdWriter) Write(p []byte) (int, error) { return unix.Write(int(fd), p) }
+
+// spliceRelay is a Go proxy: io.Copy between two TCP connections, which
+// moves the bytes with splice(2). client -> relay -> server, both ways.
+func spliceRelay(c Case) (*CaseResult, error) {
+	res := newResult()
+	upstreamLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer upstreamLn.Close()
+	relayLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer relayLn.Close()
+
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	fail := func(who string, err error) {
+		if err != nil {
+			mu.Lock()
+			res.Errors[who] = err.Error()
+			mu.Unlock()
+		}
+	}
+	wg.Go(func() { // the relay
+		down, err := relayLn.Accept()
+		if err != nil {
+			fail("relay accept", err)
+			return
+		}
+		defer down.Close()
+		up, err := net.Dial("tcp", upstreamLn.Addr().String())
+		if err != nil {
+			fail("relay dial", err)
+			return
+		}
+		defer up.Close()
+		var relay sync.WaitGroup
+		copyHalf := func(dst, src *net.TCPConn) {
+			_, err := io.Copy(dst, src)
+			fail("relay copy", err)
+			dst.CloseWrite()
+		}
+		relay.Go(func() { copyHalf(up.(*net.TCPConn), down.(*net.TCPConn)) })
+		relay.Go(func() { copyHalf(down.(*net.TCPConn), up.(*net.TCPConn)) })
+		relay.Wait()
+	})
+	wg.Go(func() { // the server
+		s, err := upstreamLn.Accept()
+		if err != nil {
+			fail("server accept", err)
+			return
+		}
+		defer s.Close()
+		got, err := Exchange(s.(*net.TCPConn), c.Bytes, 2)
+		fail("server", err)
+		mu.Lock()
+		res.Received["server"] = Checked{got, 1, c.Bytes}
+		mu.Unlock()
+	})
+	client, err := net.Dial("tcp", relayLn.Addr().String())
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	got, err := Exchange(client.(*net.TCPConn), c.Bytes, 1)
+	fail("client", err)
+	wg.Wait()
+	res.Received["client"] = Checked{got, 2, c.Bytes}
+	return res, nil
+}
+
+// sendfileSender sends a file with sendfile(2) (Go's ReadFrom from an
+// *os.File), as static web servers do.
+func sendfileSender(c Case) (*CaseResult, error) {
+	res := newResult()
+	f, err := os.CreateTemp("", "sockredir-sendfile-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if _, err := io.CopyN(f, rand.NewChaCha8(seedBytes(1)), c.Bytes); err != nil {
+		return nil, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, err
+	}
+	client, server, err := pair()
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	defer server.Close()
+	go func() {
+		if _, err := client.ReadFrom(f); err != nil {
+			res.Errors["sender"] = err.Error()
+		}
+		client.CloseWrite()
+	}()
+	got, err := readAll(server, 0)
+	if err != nil {
+		res.Errors["receiver"] = err.Error()
+	}
+	res.Received["receiver"] = Checked{got, 1, c.Bytes}
+	return res, nil
+}
+
+// peek reads each chunk twice: first with MSG_PEEK, then for real.
+func peek(c Case) (*CaseResult, error) {
+	res := newResult()
+	client, server, err := pair()
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	defer server.Close()
+	go func() {
+		if err := writeStream(client, c.Bytes, 1); err != nil {
+			res.Errors["sender"] = err.Error()
+		}
+	}()
+	raw, err := server.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	var n, mismatches int64
+	peeked, buf := make([]byte, 4096), make([]byte, 4096)
+	for {
+		var k int
+		var rerr error
+		raw.Read(func(fd uintptr) bool {
+			k, _, rerr = unix.Recvfrom(int(fd), peeked, unix.MSG_PEEK)
+			return rerr != unix.EAGAIN
+		})
+		if rerr != nil || k == 0 {
+			if rerr != nil {
+				res.Errors["peek"] = rerr.Error()
+			}
+			break
+		}
+		got, err := io.ReadFull(server, buf[:k])
+		if err != nil {
+			res.Errors["read"] = err.Error()
+			break
+		}
+		if string(buf[:got]) != string(peeked[:k]) {
+			mismatches++
+		}
+		h.Write(buf[:got])
+		n += int64(got)
+	}
+	res.Values["peek_mismatches"] = mismatches
+	res.Received["receiver"] = Checked{Received{hex.EncodeToString(h.Sum(nil)), n}, 1, c.Bytes}
+	return res, nil
+}
+
+// fionread sends a few bytes and asks the receiver how many are waiting, as
+// nginx does before it reads.
+func fionread(c Case) (*CaseResult, error) {
+	res := newResult()
+	client, server, err := pair()
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	defer server.Close()
+	if _, err := client.Write(make([]byte, c.Bytes)); err != nil {
+		return nil, err
+	}
+	if err := waitReadable(server, 2*time.Second); err != nil {
+		return nil, err
+	}
+	time.Sleep(50 * time.Millisecond) // all of it arrived, on any path
+	raw, err := server.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var n int
+	var ierr error
+	raw.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	if ierr != nil {
+		res.Errors["ioctl"] = ierr.Error()
+	}
+	res.Values["fionread"] = int64(n)
+	return res, nil
+}
+
+// rcvlowat sets SO_RCVLOWAT on the receiver: it must not be reported
+// readable before that many bytes have arrived.
+func rcvlowat(c Case) (*CaseResult, error) {
+	res := newResult()
+	client, server, err := pair()
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	defer server.Close()
+	raw, err := server.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	raw.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes)) })
+	if err != nil {
+		return nil, err
+	}
+	if _, err := client.Write(make([]byte, c.Bytes/2)); err != nil {
+		return nil, err
+	}
+	res.Values["readable_below_lowat"] = boolValue(waitReadable(server, 200*time.Millisecond) == nil)
+	if _, err := client.Write(make([]byte, c.Bytes-c.Bytes/2)); err != nil {
+		return nil, err
+	}
+	res.Values["readable_at_lowat"] = boolValue(waitReadable(server, 2*time.Second) == nil)
+	return res, nil
+}
+
+// abortiveClose sends, then closes with SO_LINGER 0 (an RST). The receiver
+// must read a prefix of what was sent and then an ordinary end: EOF or
+// ECONNRESET, nothing else.
+func abortiveClose(c Case) (*CaseResult, error) {
+	res := newResult()
+	client, server, err := pair()
+	if err != nil {
+		return nil, err
+	}
+	defer server.Close()
+	if _, err := io.Copy(client, io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
+		return nil, err
+	}
+	client.SetLinger(0)
+	client.Close()
+	h := sha256.New()
+	var n int64
+	buf := make([]byte, 64<<10)
+	for {
+		k, err := server.Read(buf)
+		h.Write(buf[:k])
+		n += int64(k)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, unix.ECONNRESET) {
+				res.Errors["receiver"] = err.Error()
+			}
+			break
+		}
+	}
+	prefix := sha256.New()
+	io.CopyN(prefix, rand.NewChaCha8(seedBytes(1)), n)
+	res.Values["received"] = n
+	res.Values["prefix_matches"] = boolValue(string(prefix.Sum(nil)) == string(h.Sum(nil)))
+	return res, nil
+}
+
+// waitReadable polls c for input without reading it.
+func waitReadable(c *net.TCPConn, timeout time.Duration) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var n int
+	raw.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err = unix.Poll(fds, int(timeout.Milliseconds()))
+	})
+	if err == nil && n == 0 {
+		err = errors.New("not readable")
+	}
+	return err
+}
+
+func boolValue(b bool) int64 {
+	if b {
+		return 1
+	}
+	return 0
+}
