@@ -4,14 +4,13 @@ import (
 	"errors"
 	"net"
 	"os"
-	"runtime"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/sandbox"
 	"github.com/sockredir/sockredir/test/harness"
 )
 
@@ -129,10 +128,13 @@ func TestNonLocalPeerUntouched(t *testing.T) {
 	e.Up(0)
 
 	var ln net.Listener
-	inNamespace(t, peerNS, func() (err error) {
+	err := peerNS.Do(func() (err error) {
 		ln, err = net.Listen("tcp", "10.78.0.2:0")
 		return err
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer ln.Close()
 	tr := harness.Transfer{Dial: ln.Addr().String(), Bytes: 8 << 20, Seed: 5}
 	served := make(chan harness.Received, 1)
@@ -161,34 +163,30 @@ func TestNonLocalPeerUntouched(t *testing.T) {
 
 // newPeerNamespace makes a second namespace joined to the test's by a veth
 // pair: 10.78.0.1 on the test's side, 10.78.0.2 on the peer's.
-func newPeerNamespace(t *testing.T, e *harness.Env) netns.NsHandle {
-	var peer netns.NsHandle
-	inNamespace(t, netns.None(), func() (err error) {
-		peer, err = netns.New()
-		return err
-	})
+func newPeerNamespace(t *testing.T, e *harness.Env) *sandbox.Netns {
+	peer, err := sandbox.NewNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { peer.Close() })
 	e.Do(func() error {
-		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "sr1"}, PeerName: "sr1p", PeerNamespace: netlink.NsFd(peer)}
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "sr1"}, PeerName: "sr1p",
+			PeerNamespace: netlink.NsFd(peer.Handle())}
 		if err := netlink.LinkAdd(veth); err != nil {
 			return err
 		}
 		return setAddrUp(veth, "10.78.0.1/24")
 	})
-	inNamespace(t, peer, func() error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		if err := netlink.LinkSetUp(lo); err != nil {
-			return err
-		}
+	err = peer.Do(func() error {
 		link, err := netlink.LinkByName("sr1p")
 		if err != nil {
 			return err
 		}
 		return setAddrUp(link, "10.78.0.2/24")
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	return peer
 }
 
@@ -201,26 +199,6 @@ func setAddrUp(link netlink.Link, cidr string) error {
 		return err
 	}
 	return netlink.LinkSetUp(link)
-}
-
-// inNamespace runs fn on a throwaway thread in ns; netns.None() means a new
-// namespace that fn creates itself.
-func inNamespace(t *testing.T, ns netns.NsHandle, fn func() error) {
-	t.Helper()
-	done := make(chan error)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if ns != netns.None() {
-			if err := netns.Set(ns); err != nil {
-				done <- err
-				return
-			}
-		}
-		done <- fn()
-	}()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
 }
 
 func TestUpDownLifecycle(t *testing.T) {

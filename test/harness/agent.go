@@ -66,29 +66,24 @@ func (e *Env) Start(s Scenario, timeout time.Duration) *Agent {
 	if err != nil {
 		e.T.Fatal(err)
 	}
-	cgroupFD, err := e.cgroupFD()
-	if err != nil {
-		e.T.Fatal(err)
-	}
 	a := &Agent{done: make(chan error, 1)}
 	started := make(chan error)
 	// The whole life of the agent happens on one thread inside the
 	// namespace: the child inherits its namespace, and Pdeathsig follows
 	// the thread that started it.
 	go func() {
-		defer syscall.Close(cgroupFD)
-		a.done <- e.do(func() error {
+		a.done <- e.NS.Do(func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
 			cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
 			cmd.Env = append(os.Environ(), agentEnv+"="+string(spec))
 			cmd.Stdout, cmd.Stderr = &a.stdout, &a.stderr
-			cmd.SysProcAttr = &syscall.SysProcAttr{
-				UseCgroupFD: true,
-				CgroupFD:    cgroupFD,
-				Pdeathsig:   syscall.SIGKILL,
+			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			release, err := e.cgroup.Command(cmd)
+			if err == nil {
+				err = cmd.Start()
+				release()
 			}
-			err := cmd.Start()
 			started <- err
 			if err != nil {
 				return err

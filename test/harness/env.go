@@ -5,24 +5,16 @@
 package harness
 
 import (
-	"crypto/rand"
-	"encoding/hex"
-	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
-	"github.com/sockredir/sockredir/pkg/hostfs"
+	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
 // Env is one test's cgroup, pin directory and network namespace.
@@ -30,7 +22,8 @@ type Env struct {
 	T      testing.TB
 	Cgroup string
 	PinDir string
-	NS     netns.NsHandle
+	NS     *sandbox.Netns
+	cgroup *sandbox.Cgroup
 }
 
 // RequirePrivileges skips a test that can't load BPF, except in CI
@@ -51,75 +44,31 @@ func RequirePrivileges(t testing.TB) {
 func New(t testing.TB) *Env {
 	t.Helper()
 	RequirePrivileges(t)
-	root, err := hostfs.CgroupV2Mount()
+	cg, err := sandbox.NewCgroup("sockredir-test-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := randomID()
-	e := &Env{T: t, Cgroup: filepath.Join(root, "sockredir-test-"+id), PinDir: "/sys/fs/bpf/sockredir-test-" + id}
-	if err := os.Mkdir(e.Cgroup, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.removeCgroup)
+	e := &Env{T: t, Cgroup: cg.Path, PinDir: "/sys/fs/bpf/" + filepath.Base(cg.Path), cgroup: cg}
+	t.Cleanup(func() {
+		if err := cg.Remove(5 * time.Second); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
 	t.Cleanup(e.down)
-
-	e.NS, err = newNetns()
-	if err != nil {
+	if e.NS, err = sandbox.NewNetns(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.NS.Close() })
-	e.Do(func() error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
 	return e
-}
-
-func randomID() string {
-	b := make([]byte, 4)
-	rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-// newNetns creates a network namespace, leaving the caller's thread alone.
-func newNetns() (netns.NsHandle, error) {
-	type result struct {
-		ns  netns.NsHandle
-		err error
-	}
-	done := make(chan result)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := netns.New()
-		done <- result{ns, err}
-	}()
-	r := <-done
-	return r.ns, r.err
 }
 
 // Do runs fn on a thread inside the test's network namespace; a process it
 // starts is in that namespace too. A failure fails the test.
 func (e *Env) Do(fn func() error) {
 	e.T.Helper()
-	if err := e.do(fn); err != nil {
+	if err := e.NS.Do(fn); err != nil {
 		e.T.Fatal(err)
 	}
-}
-
-func (e *Env) do(fn func() error) error {
-	done := make(chan error)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if err := netns.Set(e.NS); err != nil {
-			done <- err
-			return
-		}
-		done <- fn()
-	}()
-	return <-done
 }
 
 // Up attaches sockredir to the test's cgroup, from inside the test's
@@ -154,18 +103,6 @@ func (e *Env) down() {
 	}
 }
 
-// removeCgroup removes the cgroup once the agents in it have gone.
-func (e *Env) removeCgroup() {
-	var err error
-	for range 50 {
-		if err = os.Remove(e.Cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	e.T.Errorf("cleanup: removing cgroup %s: %v", e.Cgroup, err)
-}
-
 // AttachedSockOps lists the sock_ops programs attached to the test's cgroup.
 func (e *Env) AttachedSockOps() []ebpf.ProgramID {
 	e.T.Helper()
@@ -183,13 +120,4 @@ func (e *Env) AttachedSockOps() []ebpf.ProgramID {
 		ids = append(ids, p.ID)
 	}
 	return ids
-}
-
-// cgroupFD opens the test's cgroup, for starting processes inside it.
-func (e *Env) cgroupFD() (int, error) {
-	fd, err := unix.Open(e.Cgroup, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return -1, fmt.Errorf("opening cgroup %s: %w", e.Cgroup, err)
-	}
-	return fd, nil
 }
