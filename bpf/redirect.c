@@ -32,18 +32,23 @@ static __always_inline void decline(struct sock_state *st)
 SEC("sk_msg")
 int sockredir_redirect(struct sk_msg_md *msg)
 {
+	struct settings *settings = get_settings();
 	struct bpf_sock *sk = msg->sk;
 	struct sock_state *st;
 
-	if (!sk)
+	if (!sk || !settings)
 		goto pass;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st)
 		goto pass;
 	if (st->mode == MODE_UNDECIDED) {
+		if (settings->pass_only) {
+			st->mode = MODE_PASS;
+			goto pass;
+		}
 		/* The peer is gone or was never inserted, or this side already
 		 * used TCP: stay on TCP. */
-		if (!redirect_enabled() || !nothing_sent_over_tcp(sk, st) ||
+		if (!settings->redirect_enabled || !nothing_sent_over_tcp(sk, st) ||
 		    bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) != SK_PASS) {
 			decline(st);
 			goto pass;
@@ -55,7 +60,7 @@ int sockredir_redirect(struct sk_msg_md *msg)
 		goto pass;
 	/* Stopping is safe at any message: the receiver reads what was
 	 * redirected before what comes over TCP. Starting again is not. */
-	if (!redirect_enabled()) {
+	if (!settings->redirect_enabled) {
 		st->mode = MODE_PASS;
 		goto pass;
 	}

@@ -61,7 +61,7 @@ func TestRedirectKeepsBytesIntact(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e := harness.New(t)
 			addVeth(e, "sr0", "10.77.0.1/24", "fd77::1/64")
-			e.Up(0)
+			e.Up(datapath.Config{})
 			tr := harness.Transfer{Listen: c.listen, Dial: c.dial, Bytes: transferBytes(t), Seed: 1}
 			var res harness.TransferResult
 			e.Run(harness.Scenario{Transfer: &tr}, &res)
@@ -93,7 +93,7 @@ func TestPlainTCPSendsSegments(t *testing.T) {
 
 func TestManyConnectionsAtOnce(t *testing.T) {
 	e := harness.New(t)
-	e.Up(0)
+	e.Up(datapath.Config{})
 	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 3, Connections: 64}
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
@@ -103,11 +103,29 @@ func TestManyConnectionsAtOnce(t *testing.T) {
 	}
 }
 
+// Pass-only mode pairs the sockets but sends everything over TCP: the
+// benchmark's measure of what the hooks alone cost.
+func TestPassOnly(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{PassOnly: true})
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 8 << 20, Seed: 6}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	c := e.Status().Counters
+	if c.SocketsAdded != 2 || c.BytesRedirected != 0 || c.BytesPassed != uint64(2*tr.Bytes) {
+		t.Errorf("want 2 sockets added and every byte passed to TCP, got %+v", c)
+	}
+	if res.TCPOutSegs < 2*handshakeSegments {
+		t.Errorf("only %d TCP segments in pass-only mode", res.TCPOutSegs)
+	}
+}
+
 // A full sockhash leaves the connections it has no room for on the normal
 // path; none of them fails.
 func TestFullMapFallsBackToTCP(t *testing.T) {
 	e := harness.New(t)
-	e.Up(4)
+	e.Up(datapath.Config{MapSize: 4})
 	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4 << 20, Seed: 4, Connections: 8}
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
@@ -125,7 +143,7 @@ func TestFullMapFallsBackToTCP(t *testing.T) {
 func TestNonLocalPeerUntouched(t *testing.T) {
 	e := harness.New(t)
 	peerNS := newPeerNamespace(t, e)
-	e.Up(0)
+	e.Up(datapath.Config{})
 
 	var ln net.Listener
 	err := peerNS.Do(func() (err error) {
@@ -203,10 +221,10 @@ func setAddrUp(link netlink.Link, cidr string) error {
 
 func TestUpDownLifecycle(t *testing.T) {
 	e := harness.New(t)
-	if res := e.Up(0); res != datapath.Attached {
+	if res := e.Up(datapath.Config{}); res != datapath.Attached {
 		t.Fatalf("first up: %s", res)
 	}
-	if res := e.Up(0); res != datapath.AlreadyUp {
+	if res := e.Up(datapath.Config{}); res != datapath.AlreadyUp {
 		t.Fatalf("second up: %s, want %s", res, datapath.AlreadyUp)
 	}
 	if ids := e.AttachedSockOps(); len(ids) != 1 {

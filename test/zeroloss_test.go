@@ -87,7 +87,7 @@ func TestZeroLoss(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%s", c.name, map[bool]string{false: "plain", true: "sockredir"}[accelerated]), func(t *testing.T) {
 				e := harness.New(t)
 				if accelerated {
-					e.Up(0)
+					e.Up(datapath.Config{})
 				}
 				var r harness.CaseResult
 				e.Run(harness.Scenario{Case: &harness.Case{Name: c.name, Bytes: c.bytes}}, &r)

@@ -66,7 +66,7 @@ func Down(opts DownOptions) (bool, error) {
 	defer closeMaps(maps)
 
 	if settings := maps["settings"]; settings != nil {
-		if err := enableRedirect(settings, false); err != nil {
+		if err := writeSettings(settings, false, false); err != nil {
 			return true, err
 		}
 	}

@@ -16,7 +16,7 @@ import (
 type guardSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
-	Pad             uint32
+	PassOnly        uint32
 }
 
 type guardSockKey struct {

@@ -16,7 +16,7 @@ import (
 type inspectSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
-	Pad             uint32
+	PassOnly        uint32
 }
 
 type inspectSockKey struct {

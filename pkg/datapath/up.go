@@ -23,6 +23,9 @@ type Config struct {
 	PinDir string
 	// MapSize is how many sockets sock_hash holds; 0 means DefaultMapSize.
 	MapSize uint32
+	// PassOnly pairs sockets as usual but sends every message over TCP,
+	// which measures what the hooks alone cost.
+	PassOnly bool
 	// Log receives progress; nil means no logging.
 	Log *zap.Logger
 }
@@ -150,7 +153,7 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	}
 	if same && p.has(pinLink) {
 		// A `down` that was interrupted may have switched redirecting off.
-		if err := enableRedirect(objs.sockops.Settings, true); err != nil {
+		if err := writeSettings(objs.sockops.Settings, true, cfg.PassOnly); err != nil {
 			return "", err
 		}
 		cfg.Log.Info("already up", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
@@ -164,7 +167,7 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 		cfg.Log.Warn("splice(2) readers of accelerated sockets are not protected: "+
 			"the splice guard could not be attached (see docs/correctness.md)", zap.Error(err))
 	}
-	if err := enableRedirect(objs.sockops.Settings, true); err != nil {
+	if err := writeSettings(objs.sockops.Settings, true, cfg.PassOnly); err != nil {
 		return "", err
 	}
 	// Sockets already in the map keep the program they were added with;
@@ -242,15 +245,19 @@ func sameProgramsPinned(p pins, objs *objects) (bool, error) {
 	return true, nil
 }
 
-func enableRedirect(settings *ebpf.Map, on bool) error {
-	var s sockopsSettings
-	if on {
-		s.RedirectEnabled = 1
-	}
+func writeSettings(settings *ebpf.Map, redirect, passOnly bool) error {
+	s := sockopsSettings{RedirectEnabled: boolToU32(redirect), PassOnly: boolToU32(passOnly)}
 	if err := settings.Put(uint32(0), &s); err != nil {
-		return fmt.Errorf("switching redirects %s: %w", map[bool]string{true: "on", false: "off"}[on], err)
+		return fmt.Errorf("writing the datapath's settings: %w", err)
 	}
 	return nil
+}
+
+func boolToU32(b bool) uint32 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // syncLocalAddrs makes the local_addrs map hold exactly this host's addresses.

@@ -71,13 +71,15 @@ func (e *Env) Do(fn func() error) {
 	}
 }
 
-// Up attaches sockredir to the test's cgroup, from inside the test's
-// namespace so that its addresses count as local.
-func (e *Env) Up(mapSize uint32) datapath.UpResult {
+// Up attaches sockredir to the test's cgroup and pin directory with cfg's
+// other settings, from inside the test's namespace so that its addresses
+// count as local.
+func (e *Env) Up(cfg datapath.Config) datapath.UpResult {
 	e.T.Helper()
+	cfg.Cgroup, cfg.PinDir = e.Cgroup, e.PinDir
 	var res datapath.UpResult
 	e.Do(func() (err error) {
-		res, err = datapath.Up(datapath.Config{Cgroup: e.Cgroup, PinDir: e.PinDir, MapSize: mapSize})
+		res, err = datapath.Up(cfg)
 		return err
 	})
 	return res
