@@ -6,12 +6,15 @@ BUILD   := build
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 # Each direction of each end-to-end connection carries this much inside the
-# emulated kernels (the host runs use the tests' default).
+# emulated kernels, and the large-transfer test this much (the host runs use
+# the tests' defaults: 128 MiB and 4 GiB).
 VM_TEST_BYTES ?= 8388608
+VM_LARGE_BYTES ?= 67108864
 
 # Debian packages for building the BPF objects and for the tests.
 DEPS := clang llvm libbpf-dev bpftool linux-libc-dev iproute2 \
-	qemu-system-x86 busybox-static xz-utils
+	qemu-system-x86 busybox-static xz-utils \
+	redis-server redis-tools nginx-light curl haproxy iperf3 socat
 
 .DEFAULT_GOAL := help
 .PHONY: help deps build generate check-generate test test-host test-kernels up down status vet
@@ -42,15 +45,15 @@ vet: ## Run go vet and check formatting
 
 test: deps vet test-host test-kernels ## Run the whole test suite: unit and end-to-end, on this kernel, 6.1 and 6.12 (root)
 
-test-host: ## Unit tests and the end-to-end tests on this host's kernel (root)
-	$(GO) test -count=1 -timeout 20m ./...
+test-host: ## Unit tests and the end-to-end tests on this host's kernel, real applications included (root)
+	SOCKREDIR_REQUIRE_APPS=1 $(GO) test -count=1 -timeout 20m ./...
 
 test-kernels: ## The end-to-end tests on this kernel and inside Debian's 6.1 and 6.12 under qemu: one table (root)
 	mkdir -p $(BUILD)
 	CGO_ENABLED=0 $(GO) test -c -o $(BUILD)/e2e.test ./test
 	$(MAKE) build
 	$(GO) run ./test/kernels --host --bin $(BUILD)/e2e.test --bin $(BUILD)/sockredir \
-		--env SOCKREDIR_TEST_BYTES=$(VM_TEST_BYTES) \
+		--env SOCKREDIR_TEST_BYTES=$(VM_TEST_BYTES) --env SOCKREDIR_TEST_LARGE_BYTES=$(VM_LARGE_BYTES) \
 		--json $(BUILD)/kernel-matrix.json --markdown $(BUILD)/kernel-matrix.md \
 		-- /bin/e2e.test -test.v -test.timeout 12m
 

@@ -242,9 +242,7 @@ func TestUpDownLifecycle(t *testing.T) {
 	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("pin directory still there after down: %v", err)
 	}
-	if ids := e.AttachedSockOps(); len(ids) != 0 {
-		t.Errorf("sock_ops programs still attached after down: %v", ids)
-	}
+	waitDetached(t, e)
 	wasUp, err = datapath.Down(datapath.DownOptions{PinDir: e.PinDir})
 	if err != nil || wasUp {
 		t.Errorf("second down: %v (was up: %v), want nothing to do", err, wasUp)

@@ -19,12 +19,18 @@ func TestMain(m *testing.M) {
 // SOCKREDIR_TEST_BYTES, or 128 MiB (the kernel matrix sets less: its
 // kernels run under emulation).
 func transferBytes(t *testing.T) int64 {
-	if s := os.Getenv("SOCKREDIR_TEST_BYTES"); s != "" {
-		n, err := strconv.ParseInt(s, 10, 64)
-		if err != nil || n <= 0 {
-			t.Fatalf("SOCKREDIR_TEST_BYTES=%q is not a positive number", s)
-		}
-		return n
+	return envBytes(t, "SOCKREDIR_TEST_BYTES", 128<<20)
+}
+
+// envBytes is the byte count in environment variable name, or def.
+func envBytes(t *testing.T, name string, def int64) int64 {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
 	}
-	return 128 << 20
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		t.Fatalf("%s=%q is not a positive number", name, s)
+	}
+	return n
 }

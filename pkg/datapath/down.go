@@ -105,8 +105,8 @@ func unpinLink(p pins) error {
 
 // drain takes every socket out of sock_hash once nothing redirected to it is
 // waiting to be read; a socket's queue is freed when it leaves the map. A
-// socket that the inspector can't see (its namespace has no process in the
-// cgroup any more) is treated as holding data.
+// socket that the inspector can't see is treated as holding data: it leaves
+// the map when its application closes it.
 func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 	sockHash := maps["sock_hash"]
 	if sockHash == nil {

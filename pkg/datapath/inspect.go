@@ -28,6 +28,10 @@ type socketReport struct {
 // inspectSockets reports on sockredir's sockets in every network namespace
 // that this process or a process of the cgroup is in (an iter/tcp iterator
 // sees the namespace that opens it). Sockets are reported by their own key.
+// A socket whose connection TCP has finished closing (both sides shut down)
+// has left the TCP hash tables, so no iterator sees it, while its
+// application may still have redirected bytes to read: callers must treat
+// an unreported socket as possibly holding data.
 func inspectSockets(maps map[string]*ebpf.Map, cgroup string) (map[sockopsSockKey]socketReport, error) {
 	spec, err := loadInspect()
 	if err != nil {

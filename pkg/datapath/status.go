@@ -117,8 +117,8 @@ func ReadStatus(pinDir string) (Status, error) {
 	return st, nil
 }
 
-// countSockets counts the sockets in sock_hash, and those of them that hold
-// redirected bytes not read yet.
+// countSockets counts the sockets in sock_hash, and those of them that may
+// hold redirected bytes not read yet (see inspectSockets).
 func countSockets(maps map[string]*ebpf.Map, cgroup string) (sockets, unread int, err error) {
 	sockHash := maps["sock_hash"]
 	if sockHash == nil {
@@ -132,7 +132,7 @@ func countSockets(maps map[string]*ebpf.Map, cgroup string) (sockets, unread int
 	var cookie uint64
 	for it := sockHash.Iterate(); it.Next(&key, &cookie); {
 		sockets++
-		if reports[key].Unread != 0 {
+		if r, seen := reports[key]; !seen || r.Unread != 0 {
 			unread++
 		}
 	}
@@ -181,7 +181,7 @@ func (s Status) WriteText(w io.Writer) error {
 		{"pin directory", s.PinDir},
 		{"FIONREAD", fionread},
 		{"splice guard", map[bool]string{true: "on", false: "unavailable on this kernel: splice(2) readers of accelerated sockets lose data"}[s.SpliceGuard]},
-		{"sockets in map", fmt.Sprintf("%d of %d (%d with unread redirected data)", s.Sockets, s.MapSize, s.UnreadSockets)},
+		{"sockets in map", fmt.Sprintf("%d of %d (%d may hold unread redirected data)", s.Sockets, s.MapSize, s.UnreadSockets)},
 		{"sockets added", fmt.Sprint(c.SocketsAdded)},
 		{"add failures", fmt.Sprint(c.AddFailures)},
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},

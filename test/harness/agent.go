@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"syscall"
 	"time"
+
+	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
 // agentEnv carries an agent's scenario, as JSON, to the re-executed binary.
@@ -53,56 +55,102 @@ func MaybeRunAgent() {
 
 // Agent is a running agent process.
 type Agent struct {
-	done   chan error
-	stdout bytes.Buffer
-	stderr bytes.Buffer
+	*Process
 }
 
 // Start runs scenario s in an agent inside the test's cgroup and namespace.
 // The agent is killed after timeout.
 func (e *Env) Start(s Scenario, timeout time.Duration) *Agent {
 	e.T.Helper()
+	return e.StartIn(e.NS, s, timeout)
+}
+
+// StartIn is Start in another namespace (still in the test's cgroup).
+func (e *Env) StartIn(ns *sandbox.Netns, s Scenario, timeout time.Duration) *Agent {
+	e.T.Helper()
 	spec, err := json.Marshal(s)
 	if err != nil {
 		e.T.Fatal(err)
 	}
-	a := &Agent{done: make(chan error, 1)}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), agentEnv+"="+string(spec))
+	a := &Agent{Process: e.startIn(ns, cmd, cancel)}
+	return a
+}
+
+// Process is a command running inside the test's cgroup and a namespace.
+type Process struct {
+	Cmd    *exec.Cmd
+	done   chan struct{} // closed when the process has ended; err is set then
+	err    error
+	stdout bytes.Buffer
+	stderr bytes.Buffer
+}
+
+// StartCommand starts cmd inside the test's cgroup and namespace; it is
+// killed when the test ends.
+func (e *Env) StartCommand(cmd *exec.Cmd) *Process {
+	e.T.Helper()
+	p := e.startIn(e.NS, cmd, func() {})
+	e.T.Cleanup(func() {
+		p.Cmd.Process.Kill() // by pid: only the process this test started
+		p.Wait()
+	})
+	return p
+}
+
+func (e *Env) startIn(ns *sandbox.Netns, cmd *exec.Cmd, release func()) *Process {
+	e.T.Helper()
+	p := &Process{Cmd: cmd, done: make(chan struct{})}
+	if cmd.Stdout == nil {
+		cmd.Stdout = &p.stdout
+	}
+	if cmd.Stderr == nil {
+		cmd.Stderr = &p.stderr
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	started := make(chan error)
-	// The whole life of the agent happens on one thread inside the
-	// namespace: the child inherits its namespace, and Pdeathsig follows
-	// the thread that started it.
+	// The process's whole life happens on one thread inside the namespace:
+	// the child inherits its namespace, and Pdeathsig follows the thread
+	// that started it.
 	go func() {
-		a.done <- e.NS.Do(func() error {
-			ctx, cancel := context.WithTimeout(context.Background(), timeout)
-			defer cancel()
-			cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
-			cmd.Env = append(os.Environ(), agentEnv+"="+string(spec))
-			cmd.Stdout, cmd.Stderr = &a.stdout, &a.stderr
-			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-			release, err := e.cgroup.Command(cmd)
+		defer release()
+		defer close(p.done)
+		p.err = ns.Do(func() error {
+			releaseCgroup, err := e.cgroup.Command(cmd)
 			if err == nil {
 				err = cmd.Start()
-				release()
+				releaseCgroup()
 			}
 			started <- err
 			if err != nil {
 				return err
 			}
 			if err := cmd.Wait(); err != nil {
-				return fmt.Errorf("agent %s: %w\n%s", spec, err, a.stderr.String())
+				return fmt.Errorf("%s: %w\n%s", cmd.Path, err, p.stderr.String())
 			}
 			return nil
 		})
 	}()
 	if err := <-started; err != nil {
-		e.T.Fatalf("starting agent: %v", err)
+		e.T.Fatalf("starting %s: %v", cmd.Path, err)
 	}
-	return a
+	return p
 }
+
+// Wait waits for the process to end.
+func (p *Process) Wait() error {
+	<-p.done
+	return p.err
+}
+
+// Output is what the process printed on stdout.
+func (p *Process) Output() string { return p.stdout.String() }
 
 // Wait waits for the agent to finish and decodes its result.
 func (a *Agent) Wait(result any) error {
-	if err := <-a.done; err != nil {
+	if err := a.Process.Wait(); err != nil {
 		return err
 	}
 	if err := json.Unmarshal(a.stdout.Bytes(), result); err != nil {

@@ -105,7 +105,7 @@ func halfCloseBlockingClient(c Case) (*CaseResult, error) {
 			return
 		}
 		defer s.Close()
-		got, err := readAll(s.(*net.TCPConn), 0)
+		got, err := readAll(s.(*net.TCPConn), 0, 0)
 		res.Received["server"] = Checked{got, 1, c.Bytes}
 		if err == nil {
 			time.Sleep(20 * time.Millisecond) // let the client block in recv first
@@ -253,7 +253,7 @@ func sendfileSender(c Case) (*CaseResult, error) {
 		}
 		client.CloseWrite()
 	}()
-	got, err := readAll(server, 0)
+	got, err := readAll(server, 0, 0)
 	if err != nil {
 		res.Errors["receiver"] = err.Error()
 	}

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Transfer runs connections that each stream pseudo-random bytes both ways at
@@ -25,12 +26,22 @@ type Transfer struct {
 	// Listen is the server's address, e.g. "127.0.0.1:0". Empty means
 	// only the client side runs, against Dial (host:port), served by Serve.
 	Listen string `json:"listen,omitempty"`
-	// Dial is the host the client dials (the listener's port is added);
-	// empty means the listener's own address.
+	// Dial is the host the client dials (the listener's port is added, or
+	// DialPort); empty means the listener's own address.
 	Dial        string `json:"dial,omitempty"`
-	Bytes       int64  `json:"bytes"` // per direction and connection
+	DialPort    int    `json:"dial_port,omitempty"` // a relay in front of the listener
+	Bytes       int64  `json:"bytes"`               // per direction and connection
 	Seed        uint64 `json:"seed"`
 	Connections int    `json:"connections,omitempty"` // 0 means 1
+	// OneWay: only the client sends (the server's stream is empty).
+	OneWay bool `json:"one_way,omitempty"`
+	// ClientPort binds the client to this local port (with Connections 1).
+	ClientPort int `json:"client_port,omitempty"`
+	// ServerReadDelay holds the server's first read back this long: a
+	// reader that doesn't keep up.
+	ServerReadDelay time.Duration `json:"server_read_delay,omitempty"`
+	// ReadPause is slept before every read: a slow reader.
+	ReadPause time.Duration `json:"read_pause,omitempty"`
 }
 
 // Received is what one side of a connection read.
@@ -61,6 +72,9 @@ func (t *Transfer) Run() (*TransferResult, error) {
 		}
 		defer ln.Close()
 		port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+		if t.DialPort != 0 {
+			port = strconv.Itoa(t.DialPort)
+		}
 		if dial == "" {
 			dial = ln.Addr().String()
 		} else {
@@ -75,16 +89,20 @@ func (t *Transfer) Run() (*TransferResult, error) {
 
 	var wg sync.WaitGroup
 	errs := make([]error, 2*conns)
+	dialer := net.Dialer{}
+	if t.ClientPort != 0 {
+		dialer.LocalAddr = &net.TCPAddr{Port: t.ClientPort}
+	}
 	for i := range conns {
 		// Dialing and accepting in step keeps connection i's two ends
 		// together: the accept queue is in order.
-		client, err := net.Dial("tcp", dial)
+		client, err := dialer.Dial("tcp", dial)
 		if err != nil {
 			return nil, err
 		}
 		defer client.Close()
 		wg.Go(func() {
-			res.Client[i], errs[2*i] = Exchange(client.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i))
+			res.Client[i], errs[2*i] = t.exchange(client.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i), 0)
 		})
 		if ln == nil {
 			continue
@@ -95,7 +113,7 @@ func (t *Transfer) Run() (*TransferResult, error) {
 		}
 		defer server.Close()
 		wg.Go(func() {
-			res.Server[i], errs[2*i+1] = Exchange(server.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i)+1)
+			res.Server[i], errs[2*i+1] = t.exchange(server.(*net.TCPConn), t.serverBytes(), t.Seed+2*uint64(i)+1, t.ServerReadDelay)
 		})
 	}
 	wg.Wait()
@@ -118,16 +136,28 @@ func (t *Transfer) Serve(ln net.Listener) (Received, error) {
 		return Received{}, err
 	}
 	defer c.Close()
-	return Exchange(c.(*net.TCPConn), t.Bytes, t.Seed+1)
+	return t.exchange(c.(*net.TCPConn), t.serverBytes(), t.Seed+1, t.ServerReadDelay)
+}
+
+func (t *Transfer) serverBytes() int64 {
+	if t.OneWay {
+		return 0
+	}
+	return t.Bytes
+}
+
+func (t *Transfer) exchange(c *net.TCPConn, n int64, seed uint64, readDelay time.Duration) (Received, error) {
+	writeErr := make(chan error, 1)
+	go func() { writeErr <- writeStream(c, n, seed) }()
+	time.Sleep(readDelay)
+	got, err := readAll(c, seed, t.ReadPause)
+	return got, errors.Join(err, <-writeErr)
 }
 
 // Exchange writes the stream of (n, seed) to c and half-closes it, while it
 // reads c until EOF; it returns what it read.
 func Exchange(c *net.TCPConn, n int64, seed uint64) (Received, error) {
-	writeErr := make(chan error, 1)
-	go func() { writeErr <- writeStream(c, n, seed) }()
-	got, err := readAll(c, seed)
-	return got, errors.Join(err, <-writeErr)
+	return (&Transfer{}).exchange(c, n, seed, 0)
 }
 
 // StreamSHA256 is the checksum of the n bytes that a sender with seed writes.
@@ -154,13 +184,14 @@ func writeStream(c *net.TCPConn, n int64, seed uint64) error {
 	return c.CloseWrite()
 }
 
-// readAll reads until EOF in reads of varying sizes.
-func readAll(c *net.TCPConn, seed uint64) (Received, error) {
+// readAll reads until EOF in reads of varying sizes, pausing before each.
+func readAll(c *net.TCPConn, seed uint64, pause time.Duration) (Received, error) {
 	sizes := rand.New(rand.NewPCG(seed, 2))
 	h := sha256.New()
 	buf := make([]byte, 256<<10)
 	var total int64
 	for {
+		time.Sleep(pause)
 		n, err := c.Read(buf[:1+sizes.IntN(len(buf))])
 		h.Write(buf[:n])
 		total += int64(n)
@@ -213,9 +244,10 @@ func TCPOutSegs() (uint64, error) {
 func (t *Transfer) Check(tb testing.TB, res *TransferResult) {
 	tb.Helper()
 	for i, got := range res.Client {
-		if want := StreamSHA256(t.Bytes, t.Seed+2*uint64(i)+1); got.SHA256 != want || got.Bytes != t.Bytes {
+		n := t.serverBytes()
+		if want := StreamSHA256(n, t.Seed+2*uint64(i)+1); got.SHA256 != want || got.Bytes != n {
 			tb.Errorf("connection %d: the client read %d bytes (sha256 %.12s), want %d (sha256 %.12s)",
-				i, got.Bytes, got.SHA256, t.Bytes, want)
+				i, got.Bytes, got.SHA256, n, want)
 		}
 	}
 	for i, got := range res.Server {

@@ -1,0 +1,204 @@
+package test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/sandbox"
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+// slowTransfer lasts a second or two: a reader that pauses before each read.
+func slowTransfer(seed uint64) harness.Transfer {
+	return harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4 << 20, Seed: seed, ReadPause: 15 * time.Millisecond}
+}
+
+// down while connections stream: they carry on over TCP and lose nothing,
+// and down finishes once the readers have caught up.
+func TestDownWhileStreaming(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := slowTransfer(10)
+	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
+	time.Sleep(300 * time.Millisecond)
+	wasUp, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir})
+	if err != nil || !wasUp {
+		t.Fatalf("down while streaming: %v (was up: %v)", err, wasUp)
+	}
+	var res harness.TransferResult
+	if err := agent.Wait(&res); err != nil {
+		t.Fatal(err)
+	}
+	tr.Check(t, &res)
+	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pins left after down: %v", err)
+	}
+}
+
+// A reader that doesn't read: down stops accelerating, keeps the socket that
+// holds its bytes, and says so; once the reader has read, down completes.
+func TestDownWaitsForReaders(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 11, OneWay: true, ServerReadDelay: 3 * time.Second}
+	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
+	time.Sleep(500 * time.Millisecond)
+
+	_, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir, DrainTimeout: 500 * time.Millisecond})
+	if !errors.Is(err, datapath.ErrUnreadData) {
+		t.Fatalf("down with an unread queue: %v, want ErrUnreadData", err)
+	}
+	st := e.Status()
+	if st.Up || st.RedirectEnabled || st.UnreadSockets == 0 {
+		t.Errorf("after an unfinished down: up %v, redirecting %v, %d sockets that may hold unread data; want false, false, some",
+			st.Up, st.RedirectEnabled, st.UnreadSockets)
+	}
+	var res harness.TransferResult
+	if err := agent.Wait(&res); err != nil {
+		t.Fatal(err)
+	}
+	tr.Check(t, &res)
+	if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil {
+		t.Fatalf("down after the reader caught up: %v", err)
+	}
+}
+
+// up over a different build swaps the programs in place while connections
+// stream; nothing is lost or reset. The pinned program is replaced by an
+// unrelated one so that up sees other programs than its own.
+func TestUpgradeWhileStreaming(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := slowTransfer(12)
+	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
+	time.Sleep(300 * time.Millisecond)
+
+	other, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SockOps,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	pin := filepath.Join(e.PinDir, "prog_sockops")
+	if err := os.Remove(pin); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Pin(pin); err != nil {
+		t.Fatal(err)
+	}
+	if res := e.Up(datapath.Config{}); res != datapath.Upgraded {
+		t.Fatalf("up over other programs: %s, want %s", res, datapath.Upgraded)
+	}
+	var res harness.TransferResult
+	if err := agent.Wait(&res); err != nil {
+		t.Fatal(err)
+	}
+	tr.Check(t, &res)
+	if c := e.Status().Counters; c.BytesRedirected != uint64(2*tr.Bytes) {
+		t.Errorf("want all %d bytes redirected across the upgrade, got %+v", 2*tr.Bytes, c)
+	}
+	if ids := e.AttachedSockOps(); len(ids) != 1 {
+		t.Errorf("sock_ops programs attached after the upgrade: %v, want one", ids)
+	}
+}
+
+// A loader killed between detaching and unpinning leaves maps without a
+// cgroup link; the next up attaches again and the next down finishes.
+func TestUpRecoversFromInterruptedDown(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	if err := os.Remove(filepath.Join(e.PinDir, "link_sockops")); err != nil { // what a killed down leaves
+		t.Fatal(err)
+	}
+	waitDetached(t, e)
+	if res := e.Up(datapath.Config{}); res != datapath.Attached {
+		t.Fatalf("up after an interrupted down: %s, want %s", res, datapath.Attached)
+	}
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 13}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if c := e.Status().Counters; c.BytesRedirected == 0 {
+		t.Errorf("not accelerating after recovery: %+v", c)
+	}
+}
+
+// Two namespaces use the same loopback 4-tuple at the same time; each
+// connection gets only its own bytes (the seeds differ).
+func TestSameTupleInTwoNamespaces(t *testing.T) {
+	e := harness.New(t)
+	other, err := sandbox.NewNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	e.Up(datapath.Config{})
+	a := harness.Transfer{Listen: "127.0.0.1:7777", ClientPort: 40001, Bytes: 16 << 20, Seed: 100}
+	b := a
+	b.Seed = 200
+	agentA := e.Start(harness.Scenario{Transfer: &a}, time.Minute)
+	agentB := e.StartIn(other, harness.Scenario{Transfer: &b}, time.Minute)
+	var resA, resB harness.TransferResult
+	if err := errors.Join(agentA.Wait(&resA), agentB.Wait(&resB)); err != nil {
+		t.Fatal(err)
+	}
+	a.Check(t, &resA)
+	b.Check(t, &resB)
+	if c := e.Status().Counters; c.SocketsAdded != 4 || c.BytesRedirected != uint64(4*a.Bytes) {
+		t.Errorf("want both connections accelerated, got %+v", c)
+	}
+}
+
+// Many short connections: every socket leaves the map when it closes.
+func TestChurn(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	for round := range 4 {
+		tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4096, Seed: uint64(1000 * (round + 1)), Connections: 250}
+		var res harness.TransferResult
+		e.Run(harness.Scenario{Transfer: &tr}, &res)
+		tr.Check(t, &res)
+	}
+	st := e.Status()
+	if st.Counters.SocketsAdded != 2000 || st.Sockets != 0 {
+		t.Errorf("after 1000 connections: %d sockets added, %d still in the map; want 2000 and 0", st.Counters.SocketsAdded, st.Sockets)
+	}
+}
+
+// More than 4 GiB on one connection: nothing wraps (SOCKREDIR_TEST_LARGE_BYTES
+// scales it down for the emulated kernels).
+func TestLargeTransfer(t *testing.T) {
+	n := envBytes(t, "SOCKREDIR_TEST_LARGE_BYTES", 4<<30+12345)
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: n, Seed: 14, OneWay: true}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if c := e.Status().Counters; c.BytesRedirected != uint64(n) {
+		t.Errorf("redirected %d of %d bytes", c.BytesRedirected, n)
+	}
+}
+
+// waitDetached waits for the kernel to release a link whose last reference
+// went: it may do so a moment later.
+func waitDetached(t *testing.T, e *harness.Env) {
+	t.Helper()
+	for range 50 {
+		if len(e.AttachedSockOps()) == 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("sock_ops programs still attached: %v", e.AttachedSockOps())
+}
