@@ -16,7 +16,37 @@
  */
 #include "sockredir.h"
 #include "kernel.h"
+
+/* Socket options, from the UAPI headers the BPF build doesn't include. */
+#define SOL_SOCKET 1
+#define SO_SNDBUF 7
+#define SO_RCVBUF 8
+#define SOL_TCP 6
+#define TCP_CONGESTION 13
 #include <bpf/bpf_core_read.h>
+
+/* Ports and peers the redirect policy includes or excludes (pkg/policy). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u32);
+} policy_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct cidr_key);
+	__type(value, __u32);
+} policy_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_TUNING_RULES);
+	__type(key, __u32);
+	__type(value, struct tuning_rule);
+} tuning_rules SEC(".maps");
 
 /* Consumes the pending entry k at stage, if there is one. */
 static __always_inline int take_pending(struct sock_key *k, __u32 stage)
@@ -79,6 +109,137 @@ static __always_inline int remote_is_local(struct sock_key *k)
 	return is_loopback(k->remote_ip) || bpf_map_lookup_elem(&local_addrs, k->remote_ip);
 }
 
+static __always_inline __u32 port_verdict(__u32 port)
+{
+	__u16 key = port;
+	__u32 *v = bpf_map_lookup_elem(&policy_ports, &key);
+
+	return v ? *v : 0;
+}
+
+/* Whether the redirect policy lets connection k be accelerated: nothing
+ * excluded on either port or the peer, and, when the policy includes only
+ * some, an included port and peer. */
+static __always_inline int policy_allows(struct settings *s, struct sock_key *k)
+{
+	__u32 local = port_verdict(k->local_port), remote = port_verdict(k->remote_port);
+	struct cidr_key peer = { .prefixlen = 128 };
+	__u32 *cidr;
+
+	__builtin_memcpy(peer.addr, k->remote_ip, sizeof(peer.addr));
+	cidr = bpf_map_lookup_elem(&policy_cidrs, &peer);
+	if (local == POLICY_EXCLUDE || remote == POLICY_EXCLUDE || (cidr && *cidr == POLICY_EXCLUDE))
+		return 0;
+	if ((s->policy & POLICY_INCLUDE_PORTS) && local != POLICY_INCLUDE && remote != POLICY_INCLUDE)
+		return 0;
+	if ((s->policy & POLICY_INCLUDE_CIDRS) && !(cidr && *cidr == POLICY_INCLUDE))
+		return 0;
+	return 1;
+}
+
+static __always_inline int in_cidr(const struct cidr_key *c, const __u32 ip[4])
+{
+	for (int i = 0; i < 4; i++) {
+		__u32 bits = c->prefixlen > 32 * i ? c->prefixlen - 32 * i : 0;
+		__u32 mask = bits >= 32 ? 0xffffffff : bpf_htonl(~(0xffffffffu >> bits));
+
+		if ((ip[i] ^ c->addr[i]) & mask)
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline int rule_matches(struct tuning_rule *r, struct sock_key *k)
+{
+	int port_ok = r->nports == 0, cidr_ok = r->ncidrs == 0;
+
+	for (int i = 0; i < MAX_RULE_PORTS; i++)
+		if (i < r->nports && (r->ports[i] == k->local_port || r->ports[i] == k->remote_port))
+			port_ok = 1;
+	for (int i = 0; i < MAX_RULE_CIDRS; i++)
+		if (i < r->ncidrs && in_cidr(&r->cidrs[i], k->remote_ip))
+			cidr_ok = 1;
+	return port_ok && cidr_ok;
+}
+
+/* The first tuning rule that matches connection k, if any. */
+static __always_inline struct tuning_rule *tuning_for(struct settings *s, struct sock_key *k)
+{
+	for (__u32 i = 0; i < MAX_TUNING_RULES; i++) {
+		struct tuning_rule *r;
+
+		if (i >= s->tuning_rules)
+			break;
+		r = bpf_map_lookup_elem(&tuning_rules, &i);
+		if (r && rule_matches(r, k))
+			return r;
+	}
+	return 0;
+}
+
+/* Applies a rule's socket options; called before the SYN (client) and when
+ * the connection is established (both sides, the server's first chance). */
+static __always_inline void apply_sockopts(struct bpf_sock_ops *skops, struct tuning_rule *r)
+{
+	int v;
+
+	if (r->set & TUNE_SNDBUF) {
+		v = r->sndbuf;
+		bpf_setsockopt(skops, SOL_SOCKET, SO_SNDBUF, &v, sizeof(v));
+	}
+	if (r->set & TUNE_RCVBUF) {
+		v = r->rcvbuf;
+		bpf_setsockopt(skops, SOL_SOCKET, SO_RCVBUF, &v, sizeof(v));
+	}
+	if (r->set & TUNE_CONGESTION)
+		bpf_setsockopt(skops, SOL_TCP, TCP_CONGESTION, r->congestion, sizeof(r->congestion));
+}
+
+/* Answers the ops that ask for a value, and sets socket options, for a
+ * connection that a tuning rule matches. */
+static __always_inline void tune(struct bpf_sock_ops *skops, struct settings *s)
+{
+	struct tuning_rule *r;
+	struct sock_key k;
+	int v;
+
+	if (!s->tuning_rules)
+		return;
+	key_from_ops(skops, &k);
+	r = tuning_for(s, &k);
+	if (!r)
+		return;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TIMEOUT_INIT:
+		if (r->set & TUNE_SYN_RTO)
+			skops->reply = r->syn_rto_jiffies;
+		break;
+	case BPF_SOCK_OPS_RWND_INIT:
+		if (r->set & TUNE_RWND_INIT)
+			skops->reply = r->rwnd_init;
+		break;
+	case BPF_SOCK_OPS_BASE_RTT:
+		if (r->set & TUNE_BASE_RTT)
+			skops->reply = r->base_rtt_us;
+		break;
+	case BPF_SOCK_OPS_NEEDS_ECN:
+		if (r->set & TUNE_NEEDS_ECN)
+			skops->reply = 1;
+		break;
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		apply_sockopts(skops, r);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		apply_sockopts(skops, r);
+		if (r->set & TUNE_INIT_CWND) {
+			v = r->init_cwnd;
+			bpf_setsockopt(skops, SOL_TCP, TCP_BPF_IW, &v, sizeof(v));
+		}
+		break;
+	}
+}
+
 static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_key *k)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -118,7 +279,8 @@ static __always_inline void note_handshake(struct bpf_sock_ops *skops)
 /* A blocking reader of a socket in a sockhash can get EAGAIN from recv(2)
  * whenever it wakes without data (the ACK of its own FIN after a half-close,
  * a signal): tcp_bpf_recvmsg waits only once, on every kernel. So a client
- * that connected with a blocking socket is left on plain TCP. */
+ * that connected with a blocking socket is left on plain TCP unless the
+ * policy accepts that risk. */
 static __always_inline int is_blocking(struct bpf_sock *sk)
 {
 	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
@@ -126,12 +288,12 @@ static __always_inline int is_blocking(struct bpf_sock *sk)
 	return !tp || !(BPF_CORE_READ((struct sock *)tp, sk_socket, file, f_flags) & O_NONBLOCK);
 }
 
-static __always_inline void add_active(struct bpf_sock_ops *skops)
+static __always_inline void add_active(struct bpf_sock_ops *skops, struct settings *s)
 {
 	struct sock_key k, server;
 	__u32 stage = PENDING_CLIENT;
 
-	if (!redirect_enabled())
+	if (!s->redirect_enabled)
 		return;
 	key_from_ops(skops, &k);
 	if (!remote_is_local(&k))
@@ -139,7 +301,11 @@ static __always_inline void add_active(struct bpf_sock_ops *skops)
 	mirror_key(&k, &server);
 	if (!take_pending(&server, PENDING_SYN))
 		return;
-	if (!skops->sk || is_blocking(skops->sk)) {
+	if (!policy_allows(s, &k)) {
+		count(COUNTER_POLICY_SKIPPED, 1);
+		return;
+	}
+	if (!skops->sk || (!(s->policy & POLICY_ACCELERATE_BLOCKING) && is_blocking(skops->sk))) {
 		count(COUNTER_BLOCKING_SKIPPED, 1);
 		return;
 	}
@@ -167,6 +333,11 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 SEC("sockops")
 int sockredir_sockops(struct bpf_sock_ops *skops)
 {
+	struct settings *s = get_settings();
+
+	if (!s)
+		return 1;
+	tune(skops, s);
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TIMEOUT_INIT:
 		/* Also called for the client's own SYN: only request sockets
@@ -175,7 +346,7 @@ int sockredir_sockops(struct bpf_sock_ops *skops)
 			note_handshake(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		add_active(skops);
+		add_active(skops, s);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		add_passive(skops);

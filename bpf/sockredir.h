@@ -68,6 +68,7 @@ enum counter {
 	COUNTER_BYTES_PASSED,
 	COUNTER_PAIRS_DECLINED,
 	COUNTER_BLOCKING_SKIPPED,
+	COUNTER_POLICY_SKIPPED,
 	COUNTER_MAX,
 };
 
@@ -78,6 +79,58 @@ struct settings {
 	/* 1 pairs sockets as usual but sends every message over TCP: what the
 	 * hooks alone cost, for the benchmark. */
 	__u32 pass_only;
+	__u32 policy;       /* POLICY_* bits */
+	__u32 tuning_rules; /* how many entries of tuning_rules are in use */
+};
+
+/* settings.policy */
+#define POLICY_INCLUDE_PORTS (1 << 0)      /* only ports in policy_ports */
+#define POLICY_INCLUDE_CIDRS (1 << 1)      /* only peers in policy_cidrs */
+#define POLICY_ACCELERATE_BLOCKING (1 << 2) /* blocking clients too */
+
+/* Values of policy_ports and policy_cidrs. */
+enum policy_verdict {
+	POLICY_EXCLUDE = 1,
+	POLICY_INCLUDE = 2,
+};
+
+/* An LPM trie key: IPv4 as IPv4-mapped IPv6, its prefix length + 96. */
+struct cidr_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+#define MAX_TUNING_RULES 16
+#define MAX_RULE_PORTS 8
+#define MAX_RULE_CIDRS 4
+#define CONGESTION_NAME_LEN 16
+
+/* tuning_rule.set: which settings a rule applies. */
+#define TUNE_SYN_RTO (1 << 0)
+#define TUNE_RWND_INIT (1 << 1)
+#define TUNE_SNDBUF (1 << 2)
+#define TUNE_RCVBUF (1 << 3)
+#define TUNE_CONGESTION (1 << 4)
+#define TUNE_INIT_CWND (1 << 5)
+#define TUNE_BASE_RTT (1 << 6)
+#define TUNE_NEEDS_ECN (1 << 7)
+
+/* A connection matches a rule when one of its ports is among ports (or the
+ * rule lists none) and its peer is in one of cidrs (or the rule lists none).
+ * The first matching rule applies. */
+struct tuning_rule {
+	__u32 nports;
+	__u32 ncidrs;
+	__u16 ports[MAX_RULE_PORTS];
+	struct cidr_key cidrs[MAX_RULE_CIDRS];
+	__u32 set;
+	__u32 syn_rto_jiffies;
+	__u32 rwnd_init; /* segments */
+	__u32 sndbuf;
+	__u32 rcvbuf;
+	__u32 init_cwnd; /* segments */
+	__u32 base_rtt_us;
+	char congestion[CONGESTION_NAME_LEN];
 };
 
 /* The sockets of accelerated connections. Its size is set at load time. */

@@ -9,20 +9,28 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/policy"
 )
 
 func newUpCommand(log func() *zap.Logger) *cobra.Command {
 	var cfg datapath.Config
+	var configFile string
 	cmd := &cobra.Command{
 		Use:   "up",
 		Short: "Attach the datapath to a cgroup and pin it (upgrades in place if already up)",
 		Args:  cobra.NoArgs,
-		RunE: func(*cobra.Command, []string) error {
+		RunE: func(*cobra.Command, []string) (err error) {
+			if configFile != "" {
+				if cfg.Policy, err = policy.Load(configFile); err != nil {
+					return err
+				}
+			}
 			cfg.Log = log()
-			_, err := datapath.Up(cfg)
+			_, err = datapath.Up(cfg)
 			return err
 		},
 	}
+	cmd.Flags().StringVar(&configFile, "config", "", "YAML file with the redirect policy and tuning rules (see docs/policy.md)")
 	cmd.Flags().StringVar(&cfg.Cgroup, "cgroup", "", "cgroup v2 directory to accelerate (default: the root of the cgroup v2 hierarchy)")
 	cmd.Flags().StringVar(&cfg.PinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory for the pins")
 	cmd.Flags().Uint32Var(&cfg.MapSize, "map-size", datapath.DefaultMapSize, "sockets the sockhash holds (two per connection); more connections go the normal way")

@@ -66,7 +66,7 @@ func Down(opts DownOptions) (bool, error) {
 	defer closeMaps(maps)
 
 	if settings := maps["settings"]; settings != nil {
-		if err := writeSettings(settings, false, false); err != nil {
+		if err := updateSettings(settings, func(s *sockopsSettings) { s.RedirectEnabled = 0 }); err != nil {
 			return true, err
 		}
 	}

@@ -17,15 +17,18 @@ type objects struct {
 	redirect redirectObjects
 }
 
-// maps are the maps both programs use, by name; all of them are pinned.
+// maps are the datapath's maps, by name; all of them are pinned.
 func (o *objects) maps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		"sock_hash":   o.sockops.SockHash,
-		"sock_states": o.sockops.SockStates,
-		"local_addrs": o.sockops.LocalAddrs,
-		"counters":    o.sockops.Counters,
-		"settings":    o.sockops.Settings,
-		"pending":     o.sockops.Pending,
+		"sock_hash":    o.sockops.SockHash,
+		"sock_states":  o.sockops.SockStates,
+		"local_addrs":  o.sockops.LocalAddrs,
+		"counters":     o.sockops.Counters,
+		"settings":     o.sockops.Settings,
+		"pending":      o.sockops.Pending,
+		"policy_ports": o.sockops.PolicyPorts,
+		"policy_cidrs": o.sockops.PolicyCidrs,
+		"tuning_rules": o.sockops.TuningRules,
 	}
 }
 
@@ -60,15 +63,18 @@ func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
 	return o, nil
 }
 
-// loadWithMaps loads spec into objs using the given maps instead of new ones.
-// The spec adopts their sizes: a map's size is set when it is created.
+// loadWithMaps loads spec into objs using those of the given maps that it
+// has instead of new ones. The spec adopts their sizes: a map's size is set
+// when it is created.
 func loadWithMaps(spec *ebpf.CollectionSpec, objs any, maps map[string]*ebpf.Map) error {
+	replacements := make(map[string]*ebpf.Map)
 	for name, m := range maps {
 		if ms := spec.Maps[name]; ms != nil {
 			ms.MaxEntries = m.MaxEntries()
+			replacements[name] = m
 		}
 	}
-	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: maps})
+	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: replacements})
 }
 
 // verifierError keeps the end of a verifier log, where the reason is, instead

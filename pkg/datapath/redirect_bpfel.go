@@ -17,6 +17,8 @@ type redirectSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
 	PassOnly        uint32
+	Policy          uint32
+	TuningRules     uint32
 }
 
 type redirectSockKey struct {

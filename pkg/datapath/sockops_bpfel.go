@@ -13,10 +13,18 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockopsCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      [4]uint32
+}
+
 type sockopsSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
 	PassOnly        uint32
+	Policy          uint32
+	TuningRules     uint32
 }
 
 type sockopsSockKey struct {
@@ -39,6 +47,22 @@ type sockopsSockState struct {
 	Pad  uint32
 }
 
+type sockopsTuningRule struct {
+	_             structs.HostLayout
+	Nports        uint32
+	Ncidrs        uint32
+	Ports         [8]uint16
+	Cidrs         [4]sockopsCidrKey
+	Set           uint32
+	SynRtoJiffies uint32
+	RwndInit      uint32
+	Sndbuf        uint32
+	Rcvbuf        uint32
+	InitCwnd      uint32
+	BaseRttUs     uint32
+	Congestion    [16]int8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -46,9 +70,12 @@ const (
 	sockopsMapCounters          = "counters"
 	sockopsMapLocalAddrs        = "local_addrs"
 	sockopsMapPending           = "pending"
+	sockopsMapPolicyCidrs       = "policy_cidrs"
+	sockopsMapPolicyPorts       = "policy_ports"
 	sockopsMapSettings          = "settings"
 	sockopsMapSockHash          = "sock_hash"
 	sockopsMapSockStates        = "sock_states"
+	sockopsMapTuningRules       = "tuning_rules"
 	sockopsProgSockredirSockops = "sockredir_sockops"
 )
 
@@ -101,12 +128,15 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending    *ebpf.MapSpec `ebpf:"pending"`
-	Settings   *ebpf.MapSpec `ebpf:"settings"`
-	SockHash   *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates *ebpf.MapSpec `ebpf:"sock_states"`
+	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs  *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending     *ebpf.MapSpec `ebpf:"pending"`
+	PolicyCidrs *ebpf.MapSpec `ebpf:"policy_cidrs"`
+	PolicyPorts *ebpf.MapSpec `ebpf:"policy_ports"`
+	Settings    *ebpf.MapSpec `ebpf:"settings"`
+	SockHash    *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates  *ebpf.MapSpec `ebpf:"sock_states"`
+	TuningRules *ebpf.MapSpec `ebpf:"tuning_rules"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -135,12 +165,15 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
-	Counters   *ebpf.Map `ebpf:"counters"`
-	LocalAddrs *ebpf.Map `ebpf:"local_addrs"`
-	Pending    *ebpf.Map `ebpf:"pending"`
-	Settings   *ebpf.Map `ebpf:"settings"`
-	SockHash   *ebpf.Map `ebpf:"sock_hash"`
-	SockStates *ebpf.Map `ebpf:"sock_states"`
+	Counters    *ebpf.Map `ebpf:"counters"`
+	LocalAddrs  *ebpf.Map `ebpf:"local_addrs"`
+	Pending     *ebpf.Map `ebpf:"pending"`
+	PolicyCidrs *ebpf.Map `ebpf:"policy_cidrs"`
+	PolicyPorts *ebpf.Map `ebpf:"policy_ports"`
+	Settings    *ebpf.Map `ebpf:"settings"`
+	SockHash    *ebpf.Map `ebpf:"sock_hash"`
+	SockStates  *ebpf.Map `ebpf:"sock_states"`
+	TuningRules *ebpf.Map `ebpf:"tuning_rules"`
 }
 
 func (m *sockopsMaps) Close() error {
@@ -148,9 +181,12 @@ func (m *sockopsMaps) Close() error {
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,
+		m.PolicyCidrs,
+		m.PolicyPorts,
 		m.Settings,
 		m.SockHash,
 		m.SockStates,
+		m.TuningRules,
 	)
 }
 

@@ -45,13 +45,14 @@ type Counters struct {
 	BytesPassed        uint64 `json:"bytes_passed"`
 	PairsDeclined      uint64 `json:"pairs_declined"`
 	BlockingSkipped    uint64 `json:"blocking_skipped"`
+	PolicySkipped      uint64 `json:"policy_skipped"`
 }
 
 // counterFields lists Counters' fields in the order of enum counter in
 // bpf/sockredir.h.
 func (c *Counters) counterFields() []*uint64 {
 	return []*uint64{&c.SocketsAdded, &c.AddFailures, &c.MessagesRedirected, &c.BytesRedirected,
-		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined, &c.BlockingSkipped}
+		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined, &c.BlockingSkipped, &c.PolicySkipped}
 }
 
 // ReadStatus reports on the datapath pinned in pinDir (DefaultPinDir if empty).
@@ -186,6 +187,7 @@ func (s Status) WriteText(w io.Writer) error {
 		{"add failures", fmt.Sprint(c.AddFailures)},
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
 		{"blocking clients left on TCP", fmt.Sprint(c.BlockingSkipped)},
+		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {

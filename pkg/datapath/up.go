@@ -11,6 +11,7 @@ import (
 
 	"github.com/sockredir/sockredir/pkg/hostfs"
 	"github.com/sockredir/sockredir/pkg/localaddr"
+	"github.com/sockredir/sockredir/pkg/policy"
 )
 
 // Config says where to attach and how.
@@ -26,6 +27,10 @@ type Config struct {
 	// PassOnly pairs sockets as usual but sends every message over TCP,
 	// which measures what the hooks alone cost.
 	PassOnly bool
+	// Policy says which connections to accelerate and how to tune
+	// connections; nil accelerates every local connection and tunes none.
+	// Running Up again with another policy replaces it in place.
+	Policy *policy.Policy
 	// Log receives progress; nil means no logging.
 	Log *zap.Logger
 }
@@ -153,7 +158,7 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	}
 	if same && p.has(pinLink) {
 		// A `down` that was interrupted may have switched redirecting off.
-		if err := writeSettings(objs.sockops.Settings, true, cfg.PassOnly); err != nil {
+		if err := configure(objs, cfg); err != nil {
 			return "", err
 		}
 		cfg.Log.Info("already up", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
@@ -167,7 +172,7 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 		cfg.Log.Warn("splice(2) readers of accelerated sockets are not protected: "+
 			"the splice guard could not be attached (see docs/correctness.md)", zap.Error(err))
 	}
-	if err := writeSettings(objs.sockops.Settings, true, cfg.PassOnly); err != nil {
+	if err := configure(objs, cfg); err != nil {
 		return "", err
 	}
 	// Sockets already in the map keep the program they were added with;
@@ -245,9 +250,25 @@ func sameProgramsPinned(p pins, objs *objects) (bool, error) {
 	return true, nil
 }
 
-func writeSettings(settings *ebpf.Map, redirect, passOnly bool) error {
-	s := sockopsSettings{RedirectEnabled: boolToU32(redirect), PassOnly: boolToU32(passOnly)}
-	if err := settings.Put(uint32(0), &s); err != nil {
+// configure writes cfg's policy and switches redirecting on.
+func configure(o *objects, cfg Config) error {
+	flags, rules, err := writePolicy(o, cfg.Policy)
+	if err != nil {
+		return err
+	}
+	return updateSettings(o.sockops.Settings, func(s *sockopsSettings) {
+		*s = sockopsSettings{RedirectEnabled: 1, PassOnly: boolToU32(cfg.PassOnly), Policy: flags, TuningRules: rules}
+	})
+}
+
+// updateSettings changes the datapath's settings in place.
+func updateSettings(m *ebpf.Map, change func(*sockopsSettings)) error {
+	var s sockopsSettings
+	if err := m.Lookup(uint32(0), &s); err != nil {
+		return fmt.Errorf("reading the datapath's settings: %w", err)
+	}
+	change(&s)
+	if err := m.Put(uint32(0), &s); err != nil {
 		return fmt.Errorf("writing the datapath's settings: %w", err)
 	}
 	return nil

@@ -18,8 +18,9 @@ import (
 // Case is one way of using a socket that sockredir must not break; the
 // zero-loss matrix runs each with and without acceleration.
 type Case struct {
-	Name  string `json:"name"`
-	Bytes int64  `json:"bytes"`
+	Name   string `json:"name"`
+	Bytes  int64  `json:"bytes,omitempty"`
+	Target string `json:"target,omitempty"` // host:port, for cases that connect out
 }
 
 // CaseResult is what a case observed, for the test to judge.
@@ -53,6 +54,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"fionread":                   fionread,
 	"rcvlowat":                   rcvlowat,
 	"abortive-close":             abortiveClose,
+	"connect-time":               connectTime,
 }
 
 // Run runs the case in this process.
@@ -109,7 +111,7 @@ func halfCloseBlockingClient(c Case) (*CaseResult, error) {
 		res.Received["server"] = Checked{got, 1, c.Bytes}
 		if err == nil {
 			time.Sleep(20 * time.Millisecond) // let the client block in recv first
-			err = writeStream(s.(*net.TCPConn), c.Bytes, 2)
+			err = writeStream(s.(*net.TCPConn), c.Bytes, 2, 0)
 		}
 		serverDone <- err
 	}()
@@ -271,7 +273,7 @@ func peek(c Case) (*CaseResult, error) {
 	defer client.Close()
 	defer server.Close()
 	go func() {
-		if err := writeStream(client, c.Bytes, 1); err != nil {
+		if err := writeStream(client, c.Bytes, 1, 0); err != nil {
 			res.Errors["sender"] = err.Error()
 		}
 	}()
@@ -429,4 +431,19 @@ func boolValue(b bool) int64 {
 		return 1
 	}
 	return 0
+}
+
+// connectTime connects to Target and reports how long connect(2) took to
+// succeed or give up, in milliseconds.
+func connectTime(c Case) (*CaseResult, error) {
+	res := newResult()
+	start := time.Now()
+	conn, err := net.DialTimeout("tcp", c.Target, time.Minute)
+	res.Values["connect_ms"] = time.Since(start).Milliseconds()
+	if err != nil {
+		res.Errors["connect"] = err.Error()
+	} else {
+		conn.Close()
+	}
+	return res, nil
 }

@@ -42,6 +42,9 @@ type Transfer struct {
 	ServerReadDelay time.Duration `json:"server_read_delay,omitempty"`
 	// ReadPause is slept before every read: a slow reader.
 	ReadPause time.Duration `json:"read_pause,omitempty"`
+	// HoldOpen delays each side's half-close, keeping the connection
+	// established (a redirecting writer finishes at once).
+	HoldOpen time.Duration `json:"hold_open,omitempty"`
 }
 
 // Received is what one side of a connection read.
@@ -148,7 +151,7 @@ func (t *Transfer) serverBytes() int64 {
 
 func (t *Transfer) exchange(c *net.TCPConn, n int64, seed uint64, readDelay time.Duration) (Received, error) {
 	writeErr := make(chan error, 1)
-	go func() { writeErr <- writeStream(c, n, seed) }()
+	go func() { writeErr <- writeStream(c, n, seed, t.HoldOpen) }()
 	time.Sleep(readDelay)
 	got, err := readAll(c, seed, t.ReadPause)
 	return got, errors.Join(err, <-writeErr)
@@ -168,8 +171,9 @@ func StreamSHA256(n int64, seed uint64) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// writeStream writes the stream in writes of 1 B to 256 KiB, then half-closes.
-func writeStream(c *net.TCPConn, n int64, seed uint64) error {
+// writeStream writes the stream in writes of 1 B to 256 KiB, then waits
+// holdOpen and half-closes.
+func writeStream(c *net.TCPConn, n int64, seed uint64, holdOpen time.Duration) error {
 	stream := rand.NewChaCha8(seedBytes(seed))
 	sizes := rand.New(rand.NewPCG(seed, 1))
 	buf := make([]byte, 256<<10)
@@ -181,6 +185,7 @@ func writeStream(c *net.TCPConn, n int64, seed uint64) error {
 		}
 		n -= int64(len(chunk))
 	}
+	time.Sleep(holdOpen)
 	return c.CloseWrite()
 }
 

@@ -1,0 +1,190 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+
+	"github.com/sockredir/sockredir/pkg/policy"
+)
+
+// Bits of struct settings.policy and struct tuning_rule.set (bpf/sockredir.h).
+const (
+	policyIncludePorts       = 1 << 0
+	policyIncludeCIDRs       = 1 << 1
+	policyAccelerateBlocking = 1 << 2
+
+	policyExclude = 1
+	policyInclude = 2
+
+	tuneSynRTO     = 1 << 0
+	tuneRwndInit   = 1 << 1
+	tuneSndbuf     = 1 << 2
+	tuneRcvbuf     = 1 << 3
+	tuneCongestion = 1 << 4
+	tuneInitCwnd   = 1 << 5
+	tuneBaseRTT    = 1 << 6
+	tuneNeedsECN   = 1 << 7
+)
+
+// writePolicy makes the policy maps hold exactly p (nil: accelerate every
+// local connection, tune none) and returns the settings bits that go with it.
+// Connections already made keep what they got; new ones get the new policy.
+func writePolicy(o *objects, p *policy.Policy) (flags, rules uint32, err error) {
+	if p == nil {
+		p = &policy.Policy{}
+	}
+	r := p.Redirect
+	if len(r.IncludePorts) > 0 {
+		flags |= policyIncludePorts
+	}
+	if len(r.IncludeCIDRs) > 0 {
+		flags |= policyIncludeCIDRs
+	}
+	if r.AccelerateBlocking {
+		flags |= policyAccelerateBlocking
+	}
+
+	ports := map[uint16]uint32{}
+	for _, port := range r.IncludePorts {
+		ports[port] = policyInclude
+	}
+	for _, port := range r.ExcludePorts { // exclusion wins
+		ports[port] = policyExclude
+	}
+	if err := replaceContents(o.sockops.PolicyPorts, ports); err != nil {
+		return 0, 0, fmt.Errorf("writing the port policy: %w", err)
+	}
+	cidrs := map[sockopsCidrKey]uint32{}
+	for _, c := range r.IncludeCIDRs {
+		cidrs[cidrKey(c)] = policyInclude
+	}
+	for _, c := range r.ExcludeCIDRs {
+		cidrs[cidrKey(c)] = policyExclude
+	}
+	if err := replaceContents(o.sockops.PolicyCidrs, cidrs); err != nil {
+		return 0, 0, fmt.Errorf("writing the address policy: %w", err)
+	}
+
+	var hz uint32
+	for i, rule := range p.Tuning {
+		if rule.SynRTOMs != 0 && hz == 0 {
+			if hz, err = kernelHZ(); err != nil {
+				return 0, 0, err
+			}
+		}
+		if err := o.sockops.TuningRules.Put(uint32(i), tuningRule(rule, hz)); err != nil {
+			return 0, 0, fmt.Errorf("writing tuning rule %d: %w", i, err)
+		}
+	}
+	return flags, uint32(len(p.Tuning)), nil
+}
+
+func tuningRule(r policy.Rule, hz uint32) *sockopsTuningRule {
+	out := &sockopsTuningRule{
+		Nports: uint32(len(r.Ports)), Ncidrs: uint32(len(r.CIDRs)),
+		RwndInit: r.RwndInit, Sndbuf: r.Sndbuf, Rcvbuf: r.Rcvbuf, InitCwnd: r.InitCwnd, BaseRttUs: r.BaseRTTUs,
+		SynRtoJiffies: uint32(math.Ceil(float64(r.SynRTOMs) * float64(hz) / 1000)),
+	}
+	copy(out.Ports[:], r.Ports)
+	for i, c := range r.CIDRs {
+		out.Cidrs[i] = cidrKey(c)
+	}
+	for _, c := range []struct {
+		on  bool
+		bit uint32
+	}{
+		{r.SynRTOMs != 0, tuneSynRTO}, {r.RwndInit != 0, tuneRwndInit}, {r.Sndbuf != 0, tuneSndbuf},
+		{r.Rcvbuf != 0, tuneRcvbuf}, {r.Congestion != "", tuneCongestion}, {r.InitCwnd != 0, tuneInitCwnd},
+		{r.BaseRTTUs != 0, tuneBaseRTT}, {r.NeedsECN, tuneNeedsECN},
+	} {
+		if c.on {
+			out.Set |= c.bit
+		}
+	}
+	for i := range len(r.Congestion) {
+		out.Congestion[i] = int8(r.Congestion[i])
+	}
+	return out
+}
+
+// cidrKey is a prefix as the BPF side keys it: IPv4 in IPv4-mapped form.
+func cidrKey(p netip.Prefix) sockopsCidrKey {
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	a := p.Masked().Addr().As16()
+	var k sockopsCidrKey
+	k.Prefixlen = uint32(bits)
+	for i := range k.Addr {
+		k.Addr[i] = uint32(a[4*i]) | uint32(a[4*i+1])<<8 | uint32(a[4*i+2])<<16 | uint32(a[4*i+3])<<24
+	}
+	return k
+}
+
+// replaceContents makes m hold exactly want.
+func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
+	var (
+		key   K
+		value V
+		stale []K
+	)
+	for it := m.Iterate(); it.Next(&key, &value); {
+		if _, keep := want[key]; !keep {
+			stale = append(stale, key)
+		}
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	for k, v := range want {
+		if err := m.Put(k, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// kernelHZ measures how many jiffies the kernel counts a second: the SYN
+// timeout the sock_ops program answers is in jiffies, and CONFIG_HZ is not
+// readable on every host.
+func kernelHZ() (uint32, error) {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SocketFilter,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.FnJiffies64.Call(), asm.Return()},
+	})
+	if err != nil {
+		return 0, fmt.Errorf("measuring the kernel's HZ: %w", err)
+	}
+	defer prog.Close()
+	jiffies := func() (uint32, time.Time, error) {
+		v, err := prog.Run(&ebpf.RunOptions{Data: make([]byte, 14)})
+		return v, time.Now(), err
+	}
+	j0, t0, err := jiffies()
+	if err != nil {
+		return 0, fmt.Errorf("measuring the kernel's HZ: %w", err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	j1, t1, err := jiffies()
+	if err != nil {
+		return 0, fmt.Errorf("measuring the kernel's HZ: %w", err)
+	}
+	measured := float64(j1-j0) / t1.Sub(t0).Seconds()
+	best := uint32(0)
+	for _, hz := range []uint32{100, 250, 300, 1000} { // the values Kconfig offers
+		if best == 0 || math.Abs(float64(hz)-measured) < math.Abs(float64(best)-measured) {
+			best = hz
+		}
+	}
+	return best, nil
+}

@@ -1,0 +1,188 @@
+package test
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/policy"
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+func mustParse(t *testing.T, config string) *policy.Policy {
+	t.Helper()
+	p, err := policy.Parse([]byte(config))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// transferOn runs one connection to port and returns the counters it moved.
+func transferOn(t *testing.T, e *harness.Env, listen string, seed uint64) datapath.Counters {
+	t.Helper()
+	before := e.Status().Counters
+	tr := harness.Transfer{Listen: listen, Bytes: 1 << 20, Seed: seed}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	after := e.Status().Counters
+	return datapath.Counters{
+		SocketsAdded:    after.SocketsAdded - before.SocketsAdded,
+		BytesRedirected: after.BytesRedirected - before.BytesRedirected,
+		PolicySkipped:   after.PolicySkipped - before.PolicySkipped,
+	}
+}
+
+func TestPolicyIncludeExclude(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{Policy: mustParse(t, `
+redirect:
+  exclude_ports: [7001]
+  include_cidrs: [127.0.0.0/8]
+`)})
+	if c := transferOn(t, e, "127.0.0.1:7001", 1); c.SocketsAdded != 0 || c.PolicySkipped != 1 {
+		t.Errorf("an excluded port was accelerated: %+v", c)
+	}
+	if c := transferOn(t, e, "127.0.0.1:7002", 2); c.SocketsAdded != 2 || c.BytesRedirected == 0 {
+		t.Errorf("an included connection was not accelerated: %+v", c)
+	}
+	if c := transferOn(t, e, "[::1]:7003", 3); c.SocketsAdded != 0 || c.PolicySkipped != 1 {
+		t.Errorf("a peer outside include_cidrs was accelerated: %+v", c)
+	}
+}
+
+// A new policy applies in place: a connection streaming across the change
+// carries on untouched, and new connections follow the new policy.
+func TestPolicyReloadInPlace(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := harness.Transfer{Listen: "127.0.0.1:7010", Bytes: 4 << 20, Seed: 4, ReadPause: 10 * time.Millisecond}
+	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
+	time.Sleep(200 * time.Millisecond)
+	if res := e.Up(datapath.Config{Policy: mustParse(t, "redirect:\n  exclude_ports: [7011]\n")}); res != datapath.AlreadyUp {
+		t.Fatalf("up with a new policy: %s", res)
+	}
+	var res harness.TransferResult
+	if err := agent.Wait(&res); err != nil {
+		t.Fatal(err)
+	}
+	tr.Check(t, &res)
+	if c := transferOn(t, e, "127.0.0.1:7011", 5); c.SocketsAdded != 0 {
+		t.Errorf("the new policy's excluded port was accelerated: %+v", c)
+	}
+}
+
+// accelerate_blocking opts blocking clients in (iperf3, simple clients).
+func TestPolicyAccelerateBlocking(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{Policy: mustParse(t, "redirect:\n  accelerate_blocking: true\n")})
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "fionread", Bytes: 1000}}, &r)
+	c := e.Status().Counters
+	if c.BlockingSkipped != 0 || c.BytesRedirected == 0 {
+		t.Errorf("want the blocking client accelerated, got %+v", c)
+	}
+}
+
+// ss shows what a tuning rule set, as it would to a user.
+func TestTuningVisibleInSS(t *testing.T) {
+	requireApps(t, "ss")
+	e := harness.New(t)
+	e.Up(datapath.Config{Policy: mustParse(t, `
+tuning:
+  - ports: [7100]
+    rcvbuf: 100000
+    sndbuf: 150000
+    congestion: reno
+`)})
+	tr := harness.Transfer{Listen: "127.0.0.1:7100", Bytes: 1 << 20, Seed: 6, HoldOpen: time.Second}
+	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
+	time.Sleep(300 * time.Millisecond)
+	out := run(t, e, nil, "ss", "-tmin", "state", "established", "( sport = :7100 or dport = :7100 )")
+	var res harness.TransferResult
+	if err := agent.Wait(&res); err != nil {
+		t.Fatal(err)
+	}
+	tr.Check(t, &res)
+	// The kernel doubles SO_RCVBUF and SO_SNDBUF for its own bookkeeping.
+	for _, want := range []string{"rb200000", "tb300000", "reno"} {
+		if n := strings.Count(out, want); n != 2 {
+			t.Errorf("%q on %d of the 2 sockets, want both:\n%s", want, n, out)
+		}
+	}
+}
+
+// syn_rto_ms shortens the time a connection to a silent peer takes to give up.
+func TestTuningSynRTO(t *testing.T) {
+	e := harness.New(t)
+	silentPeer(t, e)
+	e.Do(func() error { // one SYN retry: give-up after 1 s + 2 s by default
+		return os.WriteFile("/proc/sys/net/ipv4/tcp_syn_retries", []byte("1"), 0o644)
+	})
+	connect := func() int64 {
+		var r harness.CaseResult
+		e.Run(harness.Scenario{Case: &harness.Case{Name: "connect-time", Target: "10.79.0.9:80"}}, &r)
+		if r.Errors["connect"] == "" {
+			t.Fatal("connected to a silent peer")
+		}
+		return r.Values["connect_ms"]
+	}
+	e.Up(datapath.Config{})
+	plain := connect()
+	e.Up(datapath.Config{Policy: mustParse(t, "tuning:\n  - cidrs: [10.79.0.0/24]\n    syn_rto_ms: 200\n")})
+	tuned := connect()
+	t.Logf("connect gave up after %d ms by default, %d ms with syn_rto_ms 200", plain, tuned)
+	if tuned*3 > plain {
+		t.Errorf("syn_rto_ms 200: gave up after %d ms, default %d ms; want less than a third", tuned, plain)
+	}
+}
+
+// silentPeer routes 10.79.0.9 into a veth whose other end drops everything:
+// SYNs leave and nothing answers.
+func silentPeer(t *testing.T, e *harness.Env) {
+	e.Do(func() error {
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "silent0"}, PeerName: "silent1"}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return err
+		}
+		if err := setAddrUp(veth, "10.79.0.1/24"); err != nil {
+			return err
+		}
+		peer, err := netlink.LinkByName("silent1")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(peer); err != nil {
+			return err
+		}
+		// A neighbour entry, so the SYNs go out instead of waiting on ARP.
+		return netlink.NeighAdd(&netlink.Neigh{
+			LinkIndex: veth.Attrs().Index, State: netlink.NUD_PERMANENT,
+			IP: []byte{10, 79, 0, 9}, HardwareAddr: peer.Attrs().HardwareAddr,
+		})
+	})
+}
+
+// A bad config names the key and line, and nothing is attached.
+func TestCLIBadConfig(t *testing.T) {
+	e := harness.New(t)
+	config := filepath.Join(t.TempDir(), "bad.yaml")
+	os.WriteFile(config, []byte("redirect:\n  exclude_ports: [22]\ntuning:\n  - ports: [7100]\n    rcvbuff: 1\n"), 0o644)
+	r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir, "--config", config)
+	if r.code != 1 || !regexp.MustCompile(`line 5: field rcvbuff not found`).MatchString(r.stderr) {
+		t.Errorf("exit %d, stderr %q: want exit 1 naming line 5 and rcvbuff", r.code, r.stderr)
+	}
+	if _, err := os.Stat(e.PinDir); err == nil {
+		t.Error("pins left behind by a rejected config")
+	}
+	if ids := e.AttachedSockOps(); len(ids) != 0 {
+		t.Errorf("attached despite a bad config: %v", ids)
+	}
+}
