@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"strings"
 
 	"gopkg.in/yaml.v3"
 )
@@ -79,6 +80,10 @@ func Parse(data []byte) (*Policy, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&p); err != nil && !errors.Is(err, io.EOF) {
+		var typeErr *yaml.TypeError
+		if errors.As(err, &typeErr) { // one line per mistake: make it one line
+			return nil, errors.New(strings.Join(typeErr.Errors, "; "))
+		}
 		return nil, err
 	}
 	var root yaml.Node
