@@ -16,6 +16,7 @@
  */
 #include "sockredir.h"
 #include "kernel.h"
+#include "endpoints.h"
 
 /* Socket options, from the UAPI headers the BPF build doesn't include. */
 #define SOL_SOCKET 1
@@ -71,32 +72,18 @@ static __always_inline int is_loopback(const __u32 ip[4])
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
 }
 
-/* Fills k from a full or a request socket; sequence numbers stay 0. Every
- * field is read unconditionally: a context field read behind a branch can be
- * compiled into an access through a computed pointer, which the verifier
- * rejects. */
+/* Fills k from a full or a request socket; sequence numbers stay 0. */
 static __always_inline void key_from_ops(struct bpf_sock_ops *skops, struct sock_key *k)
 {
-	__u32 family = skops->family;
-	__u32 local4 = skops->local_ip4, remote4 = skops->remote_ip4;
-	__u32 local6[4] = { skops->local_ip6[0], skops->local_ip6[1],
-			    skops->local_ip6[2], skops->local_ip6[3] };
-	__u32 remote6[4] = { skops->remote_ip6[0], skops->remote_ip6[1],
-			     skops->remote_ip6[2], skops->remote_ip6[3] };
+	struct endpoints e;
 
+	read_endpoints(skops, &e);
 	__builtin_memset(k, 0, sizeof(*k));
-	if (family == AF_INET) {
-		k->local_ip[2] = bpf_htonl(0xffff);
-		k->local_ip[3] = local4;
-		k->remote_ip[2] = bpf_htonl(0xffff);
-		k->remote_ip[3] = remote4;
-	} else {
-		__builtin_memcpy(k->local_ip, local6, sizeof(local6));
-		__builtin_memcpy(k->remote_ip, remote6, sizeof(remote6));
-	}
+	__builtin_memcpy(k->local_ip, e.local_ip, sizeof(k->local_ip));
+	__builtin_memcpy(k->remote_ip, e.remote_ip, sizeof(k->remote_ip));
 	k->family = is_v4mapped(k->remote_ip) ? AF_INET : AF_INET6;
-	k->local_port = skops->local_port;
-	k->remote_port = bpf_ntohl(skops->remote_port);
+	k->local_port = e.local_port;
+	k->remote_port = e.remote_port;
 	/* Every namespace has its own loopback: the same 4-tuple can be in use
 	 * in two of them at once. */
 	if (is_loopback(k->local_ip) || is_loopback(k->remote_ip))

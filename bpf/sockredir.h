@@ -13,9 +13,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-
-#define AF_INET 2
-#define AF_INET6 10
+#include "endpoints.h"
 
 /* A TCP connection as one of its two sockets sees it.
  *

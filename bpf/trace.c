@@ -15,8 +15,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "trace.h"
-
-#define AF_INET 2
+#include "endpoints.h"
 
 /* The callbacks that tracing switches on for a socket. */
 #define TRACE_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG | \
@@ -43,45 +42,6 @@ struct {
 	__type(value, __u64);
 } lost_events SEC(".maps");
 
-/* A socket's two ends, the way the event carries them. */
-struct tuple {
-	__u32 local_ip[4];
-	__u32 remote_ip[4];
-	__u32 local_port;
-	__u32 remote_port;
-	__u32 family;
-};
-
-/* A context field read right here, unconditionally. The verifier only
- * accepts context reads at a constant offset from the context pointer;
- * without volatile, clang may sink a read into the branch that uses it and
- * address it through a computed pointer, which the verifier rejects. */
-#define CTX(field) (*(volatile __typeof__(field) *)&(field))
-
-static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct tuple *t)
-{
-	__u32 family = CTX(skops->family);
-	__u32 local4 = CTX(skops->local_ip4), remote4 = CTX(skops->remote_ip4);
-	__u32 local6[4] = { CTX(skops->local_ip6[0]), CTX(skops->local_ip6[1]),
-			    CTX(skops->local_ip6[2]), CTX(skops->local_ip6[3]) };
-	__u32 remote6[4] = { CTX(skops->remote_ip6[0]), CTX(skops->remote_ip6[1]),
-			     CTX(skops->remote_ip6[2]), CTX(skops->remote_ip6[3]) };
-
-	__builtin_memset(t, 0, sizeof(*t));
-	if (family == AF_INET) {
-		t->local_ip[2] = bpf_htonl(0xffff);
-		t->local_ip[3] = local4;
-		t->remote_ip[2] = bpf_htonl(0xffff);
-		t->remote_ip[3] = remote4;
-	} else {
-		__builtin_memcpy(t->local_ip, local6, sizeof(local6));
-		__builtin_memcpy(t->remote_ip, remote6, sizeof(remote6));
-	}
-	t->family = family;
-	t->local_port = CTX(skops->local_port);
-	t->remote_port = bpf_ntohl(CTX(skops->remote_port));
-}
-
 static __always_inline int addr_matches(const __u32 ip[4])
 {
 	return (ip[0] & filter_mask[0]) == filter_net[0] &&
@@ -90,7 +50,7 @@ static __always_inline int addr_matches(const __u32 ip[4])
 	       (ip[3] & filter_mask[3]) == filter_net[3];
 }
 
-static __always_inline int matches(const struct tuple *t)
+static __always_inline int matches(const struct endpoints *t)
 {
 	if (filter_port && t->local_port != filter_port && t->remote_port != filter_port)
 		return 0;
@@ -106,7 +66,7 @@ static __always_inline void count_lost(void)
 		*n += 1;
 }
 
-static __always_inline void emit(struct bpf_sock_ops *skops, const struct tuple *t)
+static __always_inline void emit(struct bpf_sock_ops *skops, const struct endpoints *t)
 {
 	/* Everything is read first: the reader waits at a reserved record until
 	 * it is submitted. */
@@ -147,7 +107,7 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct tuple 
 SEC("sockops")
 int sockredir_trace(struct bpf_sock_ops *skops)
 {
-	struct tuple t;
+	struct endpoints t;
 	__u32 op = CTX(skops->op);
 	__u32 flags = CTX(skops->bpf_sock_ops_cb_flags);
 
@@ -164,7 +124,7 @@ int sockredir_trace(struct bpf_sock_ops *skops)
 	default:
 		return 1;
 	}
-	read_tuple(skops, &t);
+	read_endpoints(skops, &t);
 	if (!matches(&t))
 		return 1;
 	/* OR-ed into the socket's flags, so that those another program set
