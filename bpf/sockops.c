@@ -124,14 +124,20 @@ static __always_inline int policy_allows(struct settings *s, struct sock_key *k)
 	return 1;
 }
 
+/* The loops below have small constant bounds and are unrolled: older
+ * verifiers (6.1, 6.12) reject them as loops. */
+
 static __always_inline int in_cidr(const struct cidr_key *c, const __u32 ip[4])
 {
+	__u32 bits = c->prefixlen;
+
+#pragma unroll
 	for (int i = 0; i < 4; i++) {
-		__u32 bits = c->prefixlen > 32 * i ? c->prefixlen - 32 * i : 0;
-		__u32 mask = bits >= 32 ? 0xffffffff : bpf_htonl(~(0xffffffffu >> bits));
+		__u32 mask = bits >= 32 ? 0xffffffff : bits == 0 ? 0 : bpf_htonl(0xffffffff << (32 - bits));
 
 		if ((ip[i] ^ c->addr[i]) & mask)
 			return 0;
+		bits = bits > 32 ? bits - 32 : 0;
 	}
 	return 1;
 }
@@ -140,9 +146,11 @@ static __always_inline int rule_matches(struct tuning_rule *r, struct sock_key *
 {
 	int port_ok = r->nports == 0, cidr_ok = r->ncidrs == 0;
 
+#pragma unroll
 	for (int i = 0; i < MAX_RULE_PORTS; i++)
 		if (i < r->nports && (r->ports[i] == k->local_port || r->ports[i] == k->remote_port))
 			port_ok = 1;
+#pragma unroll
 	for (int i = 0; i < MAX_RULE_CIDRS; i++)
 		if (i < r->ncidrs && in_cidr(&r->cidrs[i], k->remote_ip))
 			cidr_ok = 1;
@@ -152,12 +160,14 @@ static __always_inline int rule_matches(struct tuning_rule *r, struct sock_key *
 /* The first tuning rule that matches connection k, if any. */
 static __always_inline struct tuning_rule *tuning_for(struct settings *s, struct sock_key *k)
 {
+#pragma unroll
 	for (__u32 i = 0; i < MAX_TUNING_RULES; i++) {
+		__u32 key = i;
 		struct tuning_rule *r;
 
 		if (i >= s->tuning_rules)
 			break;
-		r = bpf_map_lookup_elem(&tuning_rules, &i);
+		r = bpf_map_lookup_elem(&tuning_rules, &key);
 		if (r && rule_matches(r, k))
 			return r;
 	}
