@@ -5,16 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"runtime"
-	"strconv"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netns"
+
+	"github.com/sockredir/sockredir/pkg/localaddr"
 )
 
 // socketReport is one of sockredir's sockets, as the iter/tcp program
@@ -48,7 +45,7 @@ func inspectSockets(maps map[string]*ebpf.Map, cgroup string) (map[sockopsSockKe
 	}
 	defer it.Close()
 
-	namespaces, err := namespacesOf(cgroup)
+	namespaces, err := localaddr.CgroupNamespaces(cgroup)
 	if err != nil {
 		return nil, err
 	}
@@ -98,42 +95,4 @@ func readIterIn(ns netns.NsHandle, it *link.Iter, into map[sockopsSockKey]socket
 		}
 	}()
 	return <-done
-}
-
-// namespacesOf returns this process's network namespace and those of the
-// processes in the cgroup and below it, each once.
-func namespacesOf(cgroup string) ([]netns.NsHandle, error) {
-	own, err := netns.Get()
-	if err != nil {
-		return nil, fmt.Errorf("opening this process's network namespace: %w", err)
-	}
-	handles := []netns.NsHandle{own}
-	seen := map[string]bool{own.UniqueId(): true}
-	err = filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil // cgroups come and go while we walk
-		}
-		procs, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
-		if err != nil {
-			return nil
-		}
-		for _, field := range strings.Fields(string(procs)) {
-			pid, err := strconv.Atoi(field)
-			if err != nil {
-				continue
-			}
-			ns, err := netns.GetFromPid(pid)
-			if err != nil {
-				continue // the process has exited
-			}
-			if id := ns.UniqueId(); seen[id] {
-				ns.Close()
-			} else {
-				seen[id] = true
-				handles = append(handles, ns)
-			}
-		}
-		return nil
-	})
-	return handles, err
 }

@@ -128,8 +128,14 @@ func cidrKey(p netip.Prefix) sockopsCidrKey {
 	return k
 }
 
-// replaceContents makes m hold exactly want.
+// replaceContents makes m hold exactly want. New entries go in before stale
+// ones go out, so an entry in both is never missing meanwhile.
 func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
+	for k, v := range want {
+		if err := m.Put(k, v); err != nil {
+			return err
+		}
+	}
 	var (
 		key   K
 		value V
@@ -142,11 +148,6 @@ func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
 	}
 	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return err
-		}
-	}
-	for k, v := range want {
-		if err := m.Put(k, v); err != nil {
 			return err
 		}
 	}

@@ -16,7 +16,7 @@ var ErrPrivileges = errors.New("sockredir needs root (CAP_SYS_ADMIN, or CAP_BPF,
 // preflight checks what every command that touches the kernel needs, so that
 // a missing privilege or kernel feature is reported before anything changes.
 func preflight() error {
-	if err := checkPrivileges(); err != nil {
+	if err := CheckPrivileges(); err != nil {
 		return err
 	}
 	if err := rlimit.RemoveMemlock(); err != nil {
@@ -25,7 +25,9 @@ func preflight() error {
 	return checkKernel()
 }
 
-func checkPrivileges() error {
+// CheckPrivileges returns ErrPrivileges unless this process may load and
+// attach the datapath's programs.
+func CheckPrivileges() error {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
@@ -38,19 +40,26 @@ func checkPrivileges() error {
 	return ErrPrivileges
 }
 
+// KernelRequirement is a kernel feature the datapath is built on.
+type KernelRequirement struct {
+	What  string
+	Check func() error
+}
+
+// KernelRequirements are what every command that loads the datapath checks
+// first; `sockredir doctor` reports on each.
+var KernelRequirements = []KernelRequirement{
+	{"sock_ops programs (CONFIG_CGROUP_BPF)", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+	{"sk_msg programs (CONFIG_BPF_STREAM_PARSER)", func() error { return features.HaveProgramType(ebpf.SkMsg) }},
+	{"sockhash maps (CONFIG_BPF_STREAM_PARSER)", func() error { return features.HaveMapType(ebpf.SockHash) }},
+	{"socket-local storage (CONFIG_BPF_SYSCALL)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
+}
+
 // checkKernel reports a kernel that lacks what the datapath is built on.
 func checkKernel() error {
-	for _, need := range []struct {
-		what  string
-		check func() error
-	}{
-		{"sock_ops programs (CONFIG_CGROUP_BPF)", func() error { return features.HaveProgramType(ebpf.SockOps) }},
-		{"sk_msg programs (CONFIG_BPF_STREAM_PARSER)", func() error { return features.HaveProgramType(ebpf.SkMsg) }},
-		{"sockhash maps (CONFIG_BPF_STREAM_PARSER)", func() error { return features.HaveMapType(ebpf.SockHash) }},
-		{"socket-local storage (CONFIG_BPF_SYSCALL)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
-	} {
-		if err := need.check(); err != nil {
-			return fmt.Errorf("this kernel has no %s, which sockredir needs: %w", need.what, err)
+	for _, need := range KernelRequirements {
+		if err := need.Check(); err != nil {
+			return fmt.Errorf("this kernel has no %s, which sockredir needs: %w", need.What, err)
 		}
 	}
 	return nil

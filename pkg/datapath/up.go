@@ -1,7 +1,6 @@
 package datapath
 
 import (
-	"errors"
 	"fmt"
 	"os"
 
@@ -162,10 +161,10 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 			return "", err
 		}
 		cfg.Log.Info("already up", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
-		return AlreadyUp, syncLocalAddrs(objs.sockops.LocalAddrs)
+		return AlreadyUp, syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup)
 	}
 
-	if err := syncLocalAddrs(objs.sockops.LocalAddrs); err != nil {
+	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); err != nil {
 		return "", err
 	}
 	if err := attachSpliceGuard(p, objs.maps()); err != nil {
@@ -281,35 +280,12 @@ func boolToU32(b bool) uint32 {
 	return 0
 }
 
-// syncLocalAddrs makes the local_addrs map hold exactly this host's addresses.
-func syncLocalAddrs(m *ebpf.Map) error {
-	addrs, err := localaddr.List()
+// syncLocalAddrs makes the local_addrs map hold exactly the addresses of
+// this network namespace and of those that processes of the cgroup are in.
+func syncLocalAddrs(m *ebpf.Map, cgroup string) error {
+	addrs, err := localaddr.OfCgroup(cgroup)
 	if err != nil {
 		return err
 	}
-	want := make(map[[16]byte]bool, len(addrs))
-	for _, a := range addrs {
-		want[a.As16()] = true // IPv4 in IPv4-mapped form, as the BPF side keys it
-	}
-	var (
-		key   [16]byte
-		stale [][16]byte
-	)
-	var present uint8
-	for it := m.Iterate(); it.Next(&key, &present); {
-		if !want[key] {
-			stale = append(stale, key)
-		}
-	}
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return err
-		}
-	}
-	for k := range want {
-		if err := m.Put(k, uint8(1)); err != nil {
-			return fmt.Errorf("adding a local address: %w", err)
-		}
-	}
-	return nil
+	return replaceLocalAddrs(m, addrs)
 }

@@ -1,12 +1,24 @@
-// Package localaddr lists the IP addresses of this host, which tell the
-// datapath that the other end of a connection is local.
+// Package localaddr finds the IP addresses that count as local for the
+// datapath: those of this process's network namespace and of every network
+// namespace that a process of the attached cgroup is in (pods on one node
+// each have their own). The datapath accelerates a connection only when its
+// other end has one of these addresses.
 package localaddr
 
 import (
 	"fmt"
+	"io/fs"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // List returns the addresses of every interface in the current network
@@ -16,6 +28,124 @@ func List() ([]netip.Addr, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing local addresses: %w", err)
 	}
+	return unique(addrs), nil
+}
+
+// ListIn returns the addresses of every interface in network namespace ns.
+func ListIn(ns netns.NsHandle) ([]netip.Addr, error) {
+	// Routing only: the other netlink families may be modules that are
+	// not loaded, and opening them would fail.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink in a network namespace: %w", err)
+	}
+	defer h.Close()
+	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("listing the addresses of a network namespace: %w", err)
+	}
+	return unique(addrs), nil
+}
+
+// OfCgroup returns the addresses of this process's network namespace and of
+// every namespace a process of cgroup (or below it) is in.
+func OfCgroup(cgroup string) ([]netip.Addr, error) {
+	namespaces, err := CgroupNamespaces(cgroup)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(namespaces)
+	var all []netip.Addr
+	for _, ns := range namespaces {
+		addrs, err := ListIn(ns)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, addrs...)
+	}
+	slices.SortFunc(all, netip.Addr.Compare)
+	return slices.Compact(all), nil
+}
+
+// CgroupNamespaces returns this process's network namespace (that of the
+// calling thread) and those of the processes in cgroup and below it, each
+// once. The caller closes them.
+func CgroupNamespaces(cgroup string) ([]netns.NsHandle, error) {
+	own, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("opening this process's network namespace: %w", err)
+	}
+	handles := []netns.NsHandle{own}
+	seen := map[nsID]bool{}
+	if id, err := idOf(own); err == nil {
+		seen[id] = true
+	}
+	err = filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil // cgroups come and go while we walk
+		}
+		procs, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+		if err != nil {
+			return nil
+		}
+		for _, field := range strings.Fields(string(procs)) {
+			pid, err := strconv.Atoi(field)
+			if err != nil {
+				continue
+			}
+			// A stat is cheaper than opening the namespace of each of
+			// the many processes that share one.
+			id, err := pidNamespaceID(pid)
+			if err != nil || seen[id] {
+				continue // the process has exited, or its namespace is known
+			}
+			ns, err := netns.GetFromPid(pid)
+			if err != nil {
+				continue
+			}
+			if opened, err := idOf(ns); err != nil || opened != id {
+				ns.Close() // the pid was reused in between
+				continue
+			}
+			seen[id] = true
+			handles = append(handles, ns)
+		}
+		return nil
+	})
+	if err != nil {
+		closeAll(handles)
+		return nil, err
+	}
+	return handles, nil
+}
+
+// nsID tells network namespaces apart: the device and inode of their nsfs file.
+type nsID struct{ dev, ino uint64 }
+
+func pidNamespaceID(pid int) (nsID, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st); err != nil {
+		return nsID{}, err
+	}
+	return nsID{st.Dev, st.Ino}, nil
+}
+
+func idOf(ns netns.NsHandle) (nsID, error) {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(ns), &st); err != nil {
+		return nsID{}, err
+	}
+	return nsID{st.Dev, st.Ino}, nil
+}
+
+func closeAll(handles []netns.NsHandle) {
+	for _, h := range handles {
+		h.Close()
+	}
+}
+
+// unique returns the addresses as plain (not IPv4-mapped) netip.Addrs, each once.
+func unique(addrs []netlink.Addr) []netip.Addr {
 	seen := make(map[netip.Addr]bool, len(addrs))
 	var out []netip.Addr
 	for _, a := range addrs {
@@ -29,5 +159,5 @@ func List() ([]netip.Addr, error) {
 			out = append(out, ip)
 		}
 	}
-	return out, nil
+	return out
 }

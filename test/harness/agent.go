@@ -20,6 +20,7 @@ const agentEnv = "SOCKREDIR_TEST_AGENT"
 type Scenario struct {
 	Transfer *Transfer `json:"transfer,omitempty"`
 	Case     *Case     `json:"case,omitempty"`
+	Pod      *PodAgent `json:"pod,omitempty"`
 }
 
 // MaybeRunAgent must be called first in TestMain: when this process was
@@ -39,6 +40,8 @@ func MaybeRunAgent() {
 			result, err = s.Transfer.Run()
 		case s.Case != nil:
 			result, err = s.Case.Run()
+		case s.Pod != nil:
+			result, err = s.Pod.Run()
 		default:
 			err = fmt.Errorf("empty scenario %s", spec)
 		}

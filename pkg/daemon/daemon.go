@@ -1,0 +1,237 @@
+// Package daemon is `sockredir daemon`: it brings the datapath up, keeps its
+// local addresses current as addresses and network namespaces come and go,
+// serves Prometheus metrics, reloads on request, and on exit leaves the
+// datapath pinned unless told to take it down.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/hostfs"
+	"github.com/sockredir/sockredir/pkg/localaddr"
+	"github.com/sockredir/sockredir/pkg/metrics"
+	"github.com/sockredir/sockredir/pkg/policy"
+)
+
+// Options say what the daemon runs and how.
+type Options struct {
+	// Base is the datapath configuration from the command line.
+	Base datapath.Config
+	// ConfigFile, when set, is the policy file (docs/policy.md), read at
+	// start and on every reload.
+	ConfigFile string
+	// MetricsAddr is where to serve /metrics and /healthz; empty means nowhere.
+	MetricsAddr string
+	// Rescan is how often to look for network namespaces that came or went
+	// in the cgroup; 0 means localaddr.DefaultRescan.
+	Rescan time.Duration
+	// DownOnExit takes the datapath down when the daemon stops; otherwise
+	// it stays attached and pinned.
+	DownOnExit bool
+	// DrainTimeout is DownOnExit's datapath.DownOptions.DrainTimeout.
+	DrainTimeout time.Duration
+	// Reload makes the daemon reload for each value received (SIGHUP).
+	Reload <-chan os.Signal
+	// Log receives everything the daemon does; nil means no logging.
+	Log *zap.Logger
+}
+
+type daemon struct {
+	opts    Options
+	log     *zap.Logger
+	cgroup  string
+	pinDir  string
+	tracker *localaddr.Tracker
+	// datapathMu keeps Up and the tracker's address updates apart.
+	datapathMu sync.Mutex
+}
+
+// Run runs the daemon until ctx is done. It returns an error when the
+// datapath can't be brought up at start, the metrics address can't be
+// served, or the local addresses can't be followed.
+func Run(ctx context.Context, opts Options) error {
+	d := &daemon{opts: opts, log: opts.Log}
+	if d.log == nil {
+		d.log = zap.NewNop()
+	}
+	cfg, err := d.config()
+	if err != nil {
+		return err
+	}
+	if cfg, err = resolve(cfg); err != nil {
+		return err
+	}
+	d.cgroup, d.pinDir = cfg.Cgroup, cfg.PinDir
+	if err := d.up(cfg); err != nil {
+		return err
+	}
+	d.tracker = localaddr.NewTracker(d.cgroup, opts.Rescan, d.setLocalAddrs, d.log)
+
+	ctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
+	var wg sync.WaitGroup
+	if opts.MetricsAddr != "" {
+		srv, err := d.serveMetrics(stop)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			srv.Shutdown(shutdownCtx)
+		}()
+	}
+	wg.Go(func() {
+		if err := d.tracker.Run(ctx); err != nil {
+			stop(err)
+		}
+	})
+	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir))
+
+	for ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case <-opts.Reload:
+			d.reload()
+		}
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return d.exit()
+}
+
+// config is Base with the config file applied.
+func (d *daemon) config() (datapath.Config, error) {
+	cfg := d.opts.Base
+	cfg.Log = d.log
+	if d.opts.ConfigFile == "" {
+		return cfg, nil
+	}
+	p, err := policy.Load(d.opts.ConfigFile)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.Policy = p
+	return cfg, nil
+}
+
+// resolve fills in the defaults of the cgroup and pin directory, which the
+// daemon needs to know itself.
+func resolve(cfg datapath.Config) (datapath.Config, error) {
+	if cfg.PinDir == "" {
+		cfg.PinDir = datapath.DefaultPinDir
+	}
+	if cfg.Cgroup == "" {
+		root, err := hostfs.CgroupV2Mount()
+		if err != nil {
+			return cfg, err
+		}
+		cfg.Cgroup = root
+	}
+	return cfg, nil
+}
+
+func (d *daemon) up(cfg datapath.Config) error {
+	d.datapathMu.Lock()
+	defer d.datapathMu.Unlock()
+	_, err := datapath.Up(cfg)
+	return err
+}
+
+func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
+	d.datapathMu.Lock()
+	defer d.datapathMu.Unlock()
+	return datapath.SetLocalAddrs(d.pinDir, addrs)
+}
+
+// reload reads the configuration again and runs Up with it, which changes
+// nothing when nothing changed, puts a changed policy in place, brings the
+// datapath back if someone took it down, and upgrades it in place after a
+// new build was installed. Then the
+// local addresses are listed afresh. A failed reload leaves what runs as it
+// was.
+func (d *daemon) reload() {
+	d.log.Info("reloading")
+	cfg, err := d.config()
+	if err == nil {
+		cfg, err = resolve(cfg)
+	}
+	if err == nil && (cfg.Cgroup != d.cgroup || cfg.PinDir != d.pinDir) {
+		err = fmt.Errorf("the cgroup and pin directory can't change on reload (running with %s and %s): restart the daemon",
+			d.cgroup, d.pinDir)
+	}
+	if err == nil {
+		err = d.up(cfg)
+	}
+	if err != nil {
+		d.log.Error("reload failed; carrying on as before", zap.Error(err))
+		return
+	}
+	d.tracker.Resync()
+	d.log.Info("reloaded")
+}
+
+// serveMetrics starts serving /metrics and /healthz; a server that fails
+// later stops the daemon through stop.
+func (d *daemon) serveMetrics(stop context.CancelCauseFunc) (*http.Server, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(metrics.NewCollector(d.pinDir),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(metrics.TrackerGauges(d.tracker)...)
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", metrics.Handler(reg, d.log))
+	mux.HandleFunc("GET /healthz", d.healthz)
+
+	ln, err := net.Listen("tcp", d.opts.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("serving metrics: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			stop(fmt.Errorf("serving metrics: %w", err))
+		}
+	}()
+	d.log.Info("serving metrics", zap.String("addr", ln.Addr().String()))
+	return srv, nil
+}
+
+// healthz answers 200 while the datapath is attached, 503 otherwise.
+func (d *daemon) healthz(w http.ResponseWriter, _ *http.Request) {
+	u, err := datapath.ReadUsage(d.pinDir)
+	switch {
+	case err != nil:
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+	case !u.Up:
+		http.Error(w, "the datapath is not attached to its cgroup", http.StatusServiceUnavailable)
+	default:
+		fmt.Fprintln(w, "ok")
+	}
+}
+
+// exit leaves the datapath in place, or takes it down with DownOnExit.
+func (d *daemon) exit() error {
+	if !d.opts.DownOnExit {
+		d.log.Info("stopping; acceleration stays in place (`sockredir down` removes it)",
+			zap.String("pin_dir", d.pinDir))
+		return nil
+	}
+	d.log.Info("stopping and taking the datapath down")
+	_, err := datapath.Down(datapath.DownOptions{PinDir: d.pinDir, DrainTimeout: d.opts.DrainTimeout, Log: d.log})
+	return err
+}

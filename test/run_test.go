@@ -1,0 +1,199 @@
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+// runResult is a finished `sockredir run`.
+type runResult struct {
+	code           int
+	stdout, stderr string
+}
+
+// sockredirRun runs `sockredir run --log-format json ARGS...` in the test's
+// network namespace.
+func sockredirRun(t *testing.T, e *harness.Env, env []string, args ...string) runResult {
+	t.Helper()
+	cmd := exec.Command(sockredirBinary(t), append([]string{"run", "--log-format", "json"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	e.Do(func() error {
+		var exit *exec.ExitError
+		if err := cmd.Run(); err != nil && !errors.As(err, &exit) {
+			return err
+		}
+		return nil
+	})
+	return runResult{cmd.ProcessState.ExitCode(), stdout.String(), stderr.String()}
+}
+
+// runCgroup is the cgroup that a command run by `sockredir run` printed as
+// its own (`cat /proc/self/cgroup`).
+func runCgroup(t *testing.T, e *harness.Env, stdout string) string {
+	t.Helper()
+	for line := range strings.Lines(stdout) {
+		if rel, ok := strings.CutPrefix(strings.TrimSpace(line), "0::"); ok {
+			return filepath.Join(filepath.Dir(e.Cgroup), rel) // the run's cgroup is a sibling of the test's
+		}
+	}
+	t.Fatalf("no cgroup v2 line in %q", stdout)
+	return ""
+}
+
+// removedAfterRun fails the test if the cgroup or pins of a run are left.
+func removedAfterRun(t *testing.T, cgroup string) {
+	t.Helper()
+	if !strings.HasPrefix(filepath.Base(cgroup), "sockredir-run-") {
+		t.Fatalf("the command ran in %s, not in a cgroup of its own", cgroup)
+	}
+	if _, err := os.Stat(cgroup); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("cgroup %s left behind: %v", cgroup, err)
+	}
+	if _, err := os.Stat(filepath.Join("/sys/fs/bpf", filepath.Base(cgroup))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pins of %s left behind: %v", cgroup, err)
+	}
+}
+
+func TestRunExitStatus(t *testing.T) {
+	e := harness.New(t)
+	for _, c := range []struct {
+		name   string
+		script string
+		want   int
+	}{
+		{"success", "exit 0", 0},
+		{"failure", "exit 7", 7},
+		{"killed by a signal", "kill -TERM $$", 128 + int(syscall.SIGTERM)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := sockredirRun(t, e, nil, "--", "sh", "-c", "cat /proc/self/cgroup; "+c.script)
+			if r.code != c.want {
+				t.Errorf("exit status %d, want %d; stderr:\n%s", r.code, c.want, r.stderr)
+			}
+			removedAfterRun(t, runCgroup(t, e, r.stdout))
+		})
+	}
+	t.Run("not found", func(t *testing.T) {
+		r := sockredirRun(t, e, nil, "--", "/nonexistent/command")
+		if r.code != 127 || !strings.Contains(r.stderr, "sockredir run: starting /nonexistent/command") {
+			t.Errorf("exit status %d, stderr %q: want 127 and a line naming the command", r.code, r.stderr)
+		}
+	})
+}
+
+// A signal sent to `sockredir run` reaches the command, and what the command
+// leaves running is ended with it.
+func TestRunForwardsSignals(t *testing.T) {
+	e := harness.New(t)
+	cmd := exec.Command(sockredirBinary(t), "run", "--", "sh", "-c", "sleep 60 & grep ^0:: /proc/self/cgroup; exec sleep 60")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	exited := make(chan error, 1)
+	started := make(chan error)
+	go func() {
+		exited <- e.NS.Do(func() error {
+			err := cmd.Start()
+			started <- err
+			if err != nil {
+				return err
+			}
+			return cmd.Wait()
+		})
+	}()
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState != nil {
+			return
+		}
+		// By pid, only the run this test started: SIGTERM lets it clean
+		// up; SIGKILL would leave its cgroup and pins.
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgroup := runCgroup(t, e, line)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("sockredir run did not end after SIGTERM")
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 128+int(syscall.SIGTERM) {
+		t.Errorf("exit status %d, want %d (the command killed by SIGTERM); stderr:\n%s", code, 128+int(syscall.SIGTERM), stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "left processes running") {
+		t.Errorf("no warning about the background sleep that was killed:\n%s", stderr.String())
+	}
+	removedAfterRun(t, cgroup)
+}
+
+// Only the command is accelerated: its transfer is redirected, while the
+// same transfer by a process outside it is not.
+func TestRunAcceleratesOnlyTheCommand(t *testing.T) {
+	e := harness.New(t)
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 16 << 20, Seed: 500}
+	agent, err := harness.AgentEnv(harness.Scenario{Transfer: &tr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := sockredirRun(t, e, []string{agent}, "--", os.Args[0], "-test.run=^$")
+	if r.code != 0 {
+		t.Fatalf("exit status %d:\n%s", r.code, r.stderr)
+	}
+	var res harness.TransferResult
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatalf("agent result %q: %v", r.stdout, err)
+	}
+	tr.Check(t, &res)
+	if res.TCPOutSegs > handshakeSegments {
+		t.Errorf("the command sent %d TCP segments for %d bytes: its data took the TCP path", res.TCPOutSegs, 2*tr.Bytes)
+	}
+	var summary map[string]any
+	for line := range strings.Lines(r.stderr) {
+		var l map[string]any
+		if json.Unmarshal([]byte(line), &l) == nil && l["msg"] == "sockredir run: done" {
+			summary = l
+		}
+	}
+	if summary["sockets_added"] != 2.0 || summary["bytes_redirected"] != float64(2*tr.Bytes) {
+		t.Errorf("run's summary: %v, want 2 sockets added and %d bytes redirected\n%s", summary, 2*tr.Bytes, r.stderr)
+	}
+
+	// The same transfer from the test's own cgroup, which nothing is
+	// attached to.
+	var plain harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &plain)
+	tr.Check(t, &plain)
+	if plain.TCPOutSegs < 2*handshakeSegments {
+		t.Errorf("a process outside the command sent only %d TCP segments: it was accelerated too", plain.TCPOutSegs)
+	}
+}
