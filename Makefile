@@ -14,10 +14,10 @@ VM_LARGE_BYTES ?= 67108864
 # Debian packages for building the BPF objects and for the tests.
 DEPS := clang llvm libbpf-dev bpftool linux-libc-dev iproute2 \
 	qemu-system-x86 busybox-static xz-utils \
-	redis-server redis-tools nginx-light curl haproxy iperf3 socat
+	redis-server redis-tools nginx-light curl haproxy iperf3 socat sockperf wrk
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build generate check-generate test test-host test-kernels up down status vet
+.PHONY: help deps build generate check-generate test test-host test-kernels up down status vet bench bench-apps
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,7 +55,13 @@ test-kernels: ## The end-to-end tests on this kernel and inside Debian's 6.1 and
 	$(GO) run ./test/kernels --host --bin $(BUILD)/e2e.test --bin $(BUILD)/sockredir \
 		--env SOCKREDIR_TEST_BYTES=$(VM_TEST_BYTES) --env SOCKREDIR_TEST_LARGE_BYTES=$(VM_LARGE_BYTES) \
 		--json $(BUILD)/kernel-matrix.json --markdown $(BUILD)/kernel-matrix.md \
-		-- /bin/e2e.test -test.v -test.timeout 12m
+		-- /bin/e2e.test -test.v -test.timeout 12m -test.skip 'TestBench'
+
+bench: build ## Compare TCP, sockredir, its hooks alone and AF_UNIX on this host (root; ~4 min, chart in build/)
+	$(BUILD)/sockredir bench --chart $(BUILD)/benchmarks.svg
+
+bench-apps: ## The same comparison with iperf3, sockperf, redis-benchmark and wrk via haproxy to nginx (root)
+	GO=$(GO) sh test/apps/bench-apps.sh
 
 up: build ## Build and attach with the defaults: the whole cgroup v2 hierarchy (root)
 	$(BUILD)/sockredir up

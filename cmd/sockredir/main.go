@@ -36,7 +36,7 @@ func newRootCommand() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&logFormat, "log-format", "console", "log format: console or json")
 	logger := func() *zap.Logger { return log }
-	root.AddCommand(newUpCommand(logger), newDownCommand(logger), newStatusCommand(), newVersionCommand(), newTraceCommand(logger), newDaemonCommand(logger), newRunCommand(logger), newDoctorCommand())
+	root.AddCommand(newUpCommand(logger), newDownCommand(logger), newStatusCommand(), newVersionCommand(), newTraceCommand(logger), newDaemonCommand(logger), newRunCommand(logger), newDoctorCommand(), newBenchCommand(logger))
 	return root
 }
 
