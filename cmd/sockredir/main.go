@@ -36,7 +36,11 @@ func newRootCommand() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&logFormat, "log-format", "console", "log format: console or json")
 	logger := func() *zap.Logger { return log }
-	root.AddCommand(newUpCommand(logger), newDownCommand(logger), newStatusCommand(), newVersionCommand(), newTraceCommand(logger), newDaemonCommand(logger), newRunCommand(logger), newDoctorCommand(), newBenchCommand(logger))
+	root.AddCommand(
+		newUpCommand(logger), newDownCommand(logger), newStatusCommand(),
+		newDaemonCommand(logger), newRunCommand(logger), newDoctorCommand(),
+		newTraceCommand(logger), newBenchCommand(logger), newVersionCommand(),
+	)
 	return root
 }
 
