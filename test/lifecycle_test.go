@@ -1,9 +1,11 @@
 package test
 
 import (
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -201,4 +203,43 @@ func waitDetached(t *testing.T, e *harness.Env) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("sock_ops programs still attached: %v", e.AttachedSockOps())
+}
+
+// A datapath pinned by a build with another map layout gets a clear
+// answer, not a decoding error, from every command.
+func TestOtherMapLayoutIsRefusedClearly(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	setPinnedABI := func(abi uint32) {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(e.PinDir, "meta"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		var rec []byte
+		if err := m.Lookup(uint32(0), &rec); err != nil {
+			t.Fatal(err)
+		}
+		binary.NativeEndian.PutUint32(rec[8:], abi) // after the 8-byte magic
+		if err := m.Put(uint32(0), rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setPinnedABI(1)
+	const want = "another map layout"
+	if _, err := datapath.ReadStatus(e.PinDir); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("status: %v, want %q", err, want)
+	}
+	if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("down: %v, want %q", err, want)
+	}
+	var up error
+	e.Do(func() error {
+		_, up = datapath.Up(datapath.Config{Cgroup: e.Cgroup, PinDir: e.PinDir})
+		return nil
+	})
+	if up == nil || !strings.Contains(up.Error(), want) {
+		t.Errorf("up: %v, want %q", up, want)
+	}
+	setPinnedABI(datapath.ABIVersion)
 }

@@ -59,6 +59,9 @@ func Down(opts DownOptions) (bool, error) {
 	if err != nil || meta == nil {
 		return false, err
 	}
+	if err := meta.checkABI(opts.PinDir); err != nil {
+		return true, err
+	}
 	maps, err := p.loadMaps()
 	if err != nil {
 		return true, err

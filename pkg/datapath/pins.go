@@ -30,9 +30,9 @@ var mapNames = []string{"sock_hash", "sock_states", "local_addrs", "counters", "
 // metaMagic marks a pin directory as sockredir's.
 var metaMagic = [8]byte{'s', 'o', 'c', 'k', 'r', 'e', 'd', 'r'}
 
-// abiVersion names the layout of the pinned maps. An upgrade in place reuses
-// them, so it is possible only between builds with the same abiVersion.
-const abiVersion = 2
+// ABIVersion names the layout of the pinned maps. An upgrade in place reuses
+// them, so it is possible only between builds with the same ABIVersion.
+const ABIVersion = 2
 
 // metaRecord is the value of the pinned meta map: what `up` was asked to do,
 // for `status`, `down` and the next `up`.
@@ -41,6 +41,15 @@ type metaRecord struct {
 	ABI     uint32
 	MapSize uint32
 	Cgroup  [4088]byte // NUL-padded path
+}
+
+// checkABI refuses a datapath whose maps this build can't read or reuse.
+func (m *metaRecord) checkABI(pinDir string) error {
+	if m.ABI != ABIVersion {
+		return fmt.Errorf("%s holds a datapath from a sockredir build with another map layout (version %d, this build %d): "+
+			"run that build's `sockredir down`, or pass another --pin-dir", pinDir, m.ABI, ABIVersion)
+	}
+	return nil
 }
 
 func (m *metaRecord) cgroup() string {

@@ -77,6 +77,9 @@ func ReadStatus(pinDir string) (Status, error) {
 	if err != nil || meta == nil {
 		return st, err
 	}
+	if err := meta.checkABI(pinDir); err != nil {
+		return st, err
+	}
 	st.Up = p.has(pinLink)
 	st.SpliceGuard = p.has(pinGuardLink)
 	st.Cgroup = meta.cgroup()

@@ -109,9 +109,8 @@ func Up(cfg Config) (UpResult, error) {
 
 // compatible reports whether an existing datapath can be kept or upgraded.
 func compatible(meta *metaRecord, cfg Config) error {
-	if meta.ABI != abiVersion {
-		return fmt.Errorf("%s holds a datapath from a sockredir build with another map layout (version %d, this build %d): "+
-			"run that build's `sockredir down` first, or pass another --pin-dir", cfg.PinDir, meta.ABI, abiVersion)
+	if err := meta.checkABI(cfg.PinDir); err != nil {
+		return err
 	}
 	if meta.cgroup() != cfg.Cgroup {
 		return fmt.Errorf("%s is attached to cgroup %s, not %s: run `sockredir down --pin-dir %s` first, or pass another --pin-dir",
@@ -122,7 +121,7 @@ func compatible(meta *metaRecord, cfg Config) error {
 
 func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if meta == nil {
-		rec := metaRecord{Magic: metaMagic, ABI: abiVersion, MapSize: cfg.MapSize}
+		rec := metaRecord{Magic: metaMagic, ABI: ABIVersion, MapSize: cfg.MapSize}
 		if len(cfg.Cgroup) >= len(rec.Cgroup) {
 			return "", fmt.Errorf("cgroup path %s is too long", cfg.Cgroup)
 		}

@@ -37,6 +37,9 @@ func ReadUsage(pinDir string) (Usage, error) {
 	if meta == nil {
 		return Usage{}, fmt.Errorf("%w in %s", ErrNotUp, pinDir)
 	}
+	if err := meta.checkABI(pinDir); err != nil {
+		return Usage{}, err
+	}
 	u := Usage{Up: p.has(pinLink), MapSize: meta.MapSize}
 	maps, err := p.loadMaps()
 	if err != nil {
