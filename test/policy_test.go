@@ -101,6 +101,7 @@ tuning:
     rcvbuf: 100000
     sndbuf: 150000
     congestion: reno
+    init_cwnd: 23
 `)})
 	tr := harness.Transfer{Listen: "127.0.0.1:7100", Bytes: 1 << 20, Seed: 6, HoldOpen: time.Second}
 	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
@@ -112,7 +113,9 @@ tuning:
 	}
 	tr.Check(t, &res)
 	// The kernel doubles SO_RCVBUF and SO_SNDBUF for its own bookkeeping.
-	for _, want := range []string{"rb200000", "tb300000", "reno"} {
+	// The redirected connection sends no TCP data, so its congestion window
+	// stays where init_cwnd put it.
+	for _, want := range []string{"rb200000", "tb300000", "reno", "cwnd:23"} {
 		if n := strings.Count(out, want); n != 2 {
 			t.Errorf("%q on %d of the 2 sockets, want both:\n%s", want, n, out)
 		}
