@@ -17,6 +17,7 @@
 #include "sockredir.h"
 #include "kernel.h"
 #include "endpoints.h"
+#include <bpf/bpf_core_read.h>
 
 /* Socket options, from the UAPI headers the BPF build doesn't include. */
 #define SOL_SOCKET 1
@@ -24,7 +25,6 @@
 #define SO_RCVBUF 8
 #define SOL_TCP 6
 #define TCP_CONGESTION 13
-#include <bpf/bpf_core_read.h>
 
 /* Ports and peers the redirect policy includes or excludes (pkg/policy). */
 struct {

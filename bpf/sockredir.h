@@ -200,13 +200,6 @@ static __always_inline struct settings *get_settings(void)
 	return bpf_map_lookup_elem(&settings, &key);
 }
 
-static __always_inline int redirect_enabled(void)
-{
-	struct settings *s = get_settings();
-
-	return s && s->redirect_enabled;
-}
-
 /* The key the peer socket is stored under. */
 static __always_inline void mirror_key(const struct sock_key *k, struct sock_key *m)
 {
