@@ -371,34 +371,10 @@ func TestDaemonWithDeployedCapabilities(t *testing.T) {
 func startAsOtherUser(t *testing.T, e *harness.Env, pod *harness.Pod, name string, args ...string) {
 	t.Helper()
 	cmd := exec.Command(name, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Credential: &syscall.Credential{Uid: 12345, Gid: 12345},
-		Pdeathsig:  syscall.SIGKILL,
-	}
-	cgroup := &sandbox.Cgroup{Path: e.Cgroup}
-	exited := make(chan error, 1)
-	started := make(chan error)
-	go func() {
-		// Pdeathsig follows the thread that started the process: it
-		// stays until the process ends.
-		exited <- pod.NS.Do(func() error {
-			release, err := cgroup.Command(cmd)
-			if err == nil {
-				err = cmd.Start()
-				release()
-			}
-			started <- err
-			if err != nil {
-				return err
-			}
-			return cmd.Wait()
-		})
-	}()
-	if err := <-started; err != nil {
-		t.Fatal(err)
-	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 12345, Gid: 12345}}
+	p := harness.StartProcess(t, pod.NS, &sandbox.Cgroup{Path: e.Cgroup}, cmd)
 	t.Cleanup(func() {
 		cmd.Process.Kill() // by pid: the process this test started
-		<-exited
+		<-p.Done()
 	})
 }

@@ -105,33 +105,16 @@ func TestRunForwardsSignals(t *testing.T) {
 	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	exited := make(chan error, 1)
-	started := make(chan error)
-	go func() {
-		exited <- e.NS.Do(func() error {
-			err := cmd.Start()
-			started <- err
-			if err != nil {
-				return err
-			}
-			return cmd.Wait()
-		})
-	}()
-	if err := <-started; err != nil {
-		t.Fatal(err)
-	}
+	p := harness.StartProcess(t, e.NS, nil, cmd)
 	t.Cleanup(func() {
-		if cmd.ProcessState != nil {
-			return
-		}
 		// By pid, only the run this test started: SIGTERM lets it clean
 		// up; SIGKILL would leave its cgroup and pins.
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-exited:
+		case <-p.Done():
 		case <-time.After(30 * time.Second):
 			cmd.Process.Kill()
-			<-exited
+			<-p.Done()
 		}
 	})
 	line, err := bufio.NewReader(stdout).ReadString('\n')
@@ -143,7 +126,7 @@ func TestRunForwardsSignals(t *testing.T) {
 		t.Fatal(err)
 	}
 	select {
-	case <-exited:
+	case <-p.Done():
 	case <-time.After(30 * time.Second):
 		t.Fatal("sockredir run did not end after SIGTERM")
 	}

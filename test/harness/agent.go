@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/sockredir/sockredir/pkg/sandbox"
@@ -78,11 +79,15 @@ func (e *Env) StartIn(ns *sandbox.Netns, s Scenario, timeout time.Duration) *Age
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), agentEnv+"="+string(spec))
-	a := &Agent{Process: e.startIn(ns, cmd, cancel)}
+	a := &Agent{Process: StartProcess(e.T, ns, e.cgroup, cmd)}
+	go func() {
+		<-a.Done()
+		cancel()
+	}()
 	return a
 }
 
-// Process is a command running inside the test's cgroup and a namespace.
+// Process is a command started by StartProcess.
 type Process struct {
 	Cmd    *exec.Cmd
 	done   chan struct{} // closed when the process has ended; err is set then
@@ -95,7 +100,7 @@ type Process struct {
 // killed when the test ends.
 func (e *Env) StartCommand(cmd *exec.Cmd) *Process {
 	e.T.Helper()
-	p := e.startIn(e.NS, cmd, func() {})
+	p := StartProcess(e.T, e.NS, e.cgroup, cmd)
 	e.T.Cleanup(func() {
 		p.Cmd.Process.Kill() // by pid: only the process this test started
 		p.Wait()
@@ -103,8 +108,11 @@ func (e *Env) StartCommand(cmd *exec.Cmd) *Process {
 	return p
 }
 
-func (e *Env) startIn(ns *sandbox.Netns, cmd *exec.Cmd, release func()) *Process {
-	e.T.Helper()
+// StartProcess starts cmd in namespace ns and, unless cg is nil, in cgroup
+// cg (from its first instruction). Stopping it is the caller's business.
+// cmd's SysProcAttr settings are kept; Pdeathsig is added.
+func StartProcess(t testing.TB, ns *sandbox.Netns, cg *sandbox.Cgroup, cmd *exec.Cmd) *Process {
+	t.Helper()
 	p := &Process{Cmd: cmd, done: make(chan struct{})}
 	if cmd.Stdout == nil {
 		cmd.Stdout = &p.stdout
@@ -112,19 +120,25 @@ func (e *Env) startIn(ns *sandbox.Netns, cmd *exec.Cmd, release func()) *Process
 	if cmd.Stderr == nil {
 		cmd.Stderr = &p.stderr
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	started := make(chan error)
 	// The process's whole life happens on one thread inside the namespace:
 	// the child inherits its namespace, and Pdeathsig follows the thread
 	// that started it.
 	go func() {
-		defer release()
 		defer close(p.done)
 		p.err = ns.Do(func() error {
-			releaseCgroup, err := e.cgroup.Command(cmd)
+			release := func() {}
+			var err error
+			if cg != nil {
+				release, err = cg.Command(cmd)
+			}
 			if err == nil {
 				err = cmd.Start()
-				releaseCgroup()
+				release()
 			}
 			started <- err
 			if err != nil {
@@ -137,10 +151,13 @@ func (e *Env) startIn(ns *sandbox.Netns, cmd *exec.Cmd, release func()) *Process
 		})
 	}()
 	if err := <-started; err != nil {
-		e.T.Fatalf("starting %s: %v", cmd.Path, err)
+		t.Fatalf("starting %s: %v", cmd.Path, err)
 	}
 	return p
 }
+
+// Done is closed when the process has ended.
+func (p *Process) Done() <-chan struct{} { return p.done }
 
 // Wait waits for the process to end.
 func (p *Process) Wait() error {

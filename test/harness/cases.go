@@ -330,13 +330,11 @@ func fionread(c Case) (*CaseResult, error) {
 		return nil, err
 	}
 	time.Sleep(50 * time.Millisecond) // all of it arrived, on any path
-	raw, err := server.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
 	var n int
 	var ierr error
-	raw.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	if err := control(server, func(fd int) { n, ierr = unix.IoctlGetInt(fd, unix.SIOCINQ) }); err != nil {
+		return nil, err
+	}
 	if ierr != nil {
 		res.Errors["ioctl"] = ierr.Error()
 	}
@@ -354,13 +352,12 @@ func rcvlowat(c Case) (*CaseResult, error) {
 	}
 	defer client.Close()
 	defer server.Close()
-	raw, err := server.SyscallConn()
-	if err != nil {
+	var serr error
+	if err := control(server, func(fd int) { serr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes)) }); err != nil {
 		return nil, err
 	}
-	raw.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes)) })
-	if err != nil {
-		return nil, err
+	if serr != nil {
+		return nil, serr
 	}
 	if _, err := client.Write(make([]byte, c.Bytes/2)); err != nil {
 		return nil, err
@@ -411,19 +408,24 @@ func abortiveClose(c Case) (*CaseResult, error) {
 
 // waitReadable polls c for input without reading it.
 func waitReadable(c *net.TCPConn, timeout time.Duration) error {
+	var n int
+	var perr error
+	err := control(c, func(fd int) {
+		n, perr = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, int(timeout.Milliseconds()))
+	})
+	if err = errors.Join(err, perr); err == nil && n == 0 {
+		err = errors.New("not readable")
+	}
+	return err
+}
+
+// control runs fn on c's file descriptor.
+func control(c *net.TCPConn, fn func(fd int)) error {
 	raw, err := c.SyscallConn()
 	if err != nil {
 		return err
 	}
-	var n int
-	raw.Control(func(fd uintptr) {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err = unix.Poll(fds, int(timeout.Milliseconds()))
-	})
-	if err == nil && n == 0 {
-		err = errors.New("not readable")
-	}
-	return err
+	return raw.Control(func(fd uintptr) { fn(int(fd)) })
 }
 
 func boolValue(b bool) int64 {
