@@ -122,6 +122,26 @@ tuning:
 	}
 }
 
+// needs_ecn makes both ends negotiate ECN, as TCP_INFO shows (ss on some
+// hosts prints no TCP options at all).
+func TestTuningNeedsECN(t *testing.T) {
+	e := harness.New(t)
+	options := func() (client, server int64) {
+		var r harness.CaseResult
+		e.Run(harness.Scenario{Case: &harness.Case{Name: "tcp-options", Target: "127.0.0.1:7200"}}, &r)
+		return r.Values["client_options"], r.Values["server_options"]
+	}
+	const ecn = 8 // TCPI_OPT_ECN
+	e.Up(datapath.Config{})
+	if c, s := options(); c&ecn != 0 || s&ecn != 0 {
+		t.Fatalf("ECN negotiated without the rule (options %#x, %#x): the check can't tell", c, s)
+	}
+	e.Up(datapath.Config{Policy: mustParse(t, "tuning:\n  - ports: [7200]\n    needs_ecn: true\n")})
+	if c, s := options(); c&ecn == 0 || s&ecn == 0 {
+		t.Errorf("needs_ecn: TCP options %#x (client) and %#x (server), want ECN on both", c, s)
+	}
+}
+
 // syn_rto_ms shortens the time a connection to a silent peer takes to give up.
 func TestTuningSynRTO(t *testing.T) {
 	e := harness.New(t)

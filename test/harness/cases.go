@@ -55,6 +55,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"rcvlowat":                   rcvlowat,
 	"abortive-close":             abortiveClose,
 	"connect-time":               connectTime,
+	"tcp-options":                tcpOptions,
 }
 
 // Run runs the case in this process.
@@ -446,6 +447,40 @@ func connectTime(c Case) (*CaseResult, error) {
 		res.Errors["connect"] = err.Error()
 	} else {
 		conn.Close()
+	}
+	return res, nil
+}
+
+// tcpOptions connects to itself on Target (127.0.0.1:port) and reports the
+// TCP options both ends negotiated (tcpi_options of TCP_INFO), as
+// "client_options" and "server_options".
+func tcpOptions(c Case) (*CaseResult, error) {
+	res := newResult()
+	ln, err := net.Listen("tcp", c.Target)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", c.Target)
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	defer server.Close()
+	for name, conn := range map[string]net.Conn{"client_options": client, "server_options": server} {
+		var info *unix.TCPInfo
+		var ierr error
+		if err := control(conn.(*net.TCPConn), func(fd int) { info, ierr = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+			return nil, err
+		}
+		if ierr != nil {
+			return nil, ierr
+		}
+		res.Values[name] = int64(info.Options)
 	}
 	return res, nil
 }
