@@ -64,8 +64,12 @@ int sockredir_redirect(struct sk_msg_md *msg)
 		st->mode = MODE_PASS;
 		goto pass;
 	}
-	if (bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) != SK_PASS)
-		goto pass; /* the peer has closed: TCP reports that as usual */
+	if (bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) != SK_PASS) {
+		/* The peer has closed: TCP reports that as usual, and this
+		 * direction stays on TCP like any other fallback. */
+		st->mode = MODE_PASS;
+		goto pass;
+	}
 redirected:
 	count(COUNTER_MSGS_REDIRECTED, 1);
 	count(COUNTER_BYTES_REDIRECTED, msg->size);
