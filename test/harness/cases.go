@@ -49,11 +49,11 @@ func (c Checked) Intact() bool {
 var cases = map[string]func(Case) (*CaseResult, error){
 	"half-close-blocking-client": halfCloseBlockingClient,
 	"splice-relay":               spliceRelay,
-	"sendfile":                   sendfileSender,
-	"peek":                       peek,
-	"fionread":                   fionread,
-	"rcvlowat":                   rcvlowat,
-	"abortive-close":             abortiveClose,
+	"sendfile":                   withPair(sendfileSender),
+	"peek":                       withPair(peek),
+	"fionread":                   withPair(fionread),
+	"rcvlowat":                   withPair(rcvlowat),
+	"abortive-close":             withPair(abortiveClose),
 	"connect-time":               connectTime,
 	"tcp-options":                tcpOptions,
 }
@@ -69,6 +69,19 @@ func (c *Case) Run() (*CaseResult, error) {
 
 func newResult() *CaseResult {
 	return &CaseResult{Received: map[string]Checked{}, Errors: map[string]string{}, Values: map[string]int64{}}
+}
+
+// withPair runs a case on a fresh loopback connection, closed afterwards.
+func withPair(run func(c Case, client, server *net.TCPConn) (*CaseResult, error)) func(Case) (*CaseResult, error) {
+	return func(c Case) (*CaseResult, error) {
+		client, server, err := pair()
+		if err != nil {
+			return nil, err
+		}
+		defer client.Close()
+		defer server.Close()
+		return run(c, client, server)
+	}
 }
 
 // pair returns the two ends of a fresh loopback connection.
@@ -230,7 +243,7 @@ func spliceRelay(c Case) (*CaseResult, error) {
 
 // sendfileSender sends a file with sendfile(2) (Go's ReadFrom from an
 // *os.File), as static web servers do.
-func sendfileSender(c Case) (*CaseResult, error) {
+func sendfileSender(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
 	f, err := os.CreateTemp("", "sockredir-sendfile-")
 	if err != nil {
@@ -244,12 +257,6 @@ func sendfileSender(c Case) (*CaseResult, error) {
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return nil, err
 	}
-	client, server, err := pair()
-	if err != nil {
-		return nil, err
-	}
-	defer client.Close()
-	defer server.Close()
 	go func() {
 		if _, err := client.ReadFrom(f); err != nil {
 			res.Errors["sender"] = err.Error()
@@ -265,14 +272,8 @@ func sendfileSender(c Case) (*CaseResult, error) {
 }
 
 // peek reads each chunk twice: first with MSG_PEEK, then for real.
-func peek(c Case) (*CaseResult, error) {
+func peek(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
-	client, server, err := pair()
-	if err != nil {
-		return nil, err
-	}
-	defer client.Close()
-	defer server.Close()
 	go func() {
 		if err := writeStream(client, c.Bytes, 1, 0); err != nil {
 			res.Errors["sender"] = err.Error()
@@ -316,14 +317,8 @@ func peek(c Case) (*CaseResult, error) {
 
 // fionread sends a few bytes and asks the receiver how many are waiting, as
 // nginx does before it reads.
-func fionread(c Case) (*CaseResult, error) {
+func fionread(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
-	client, server, err := pair()
-	if err != nil {
-		return nil, err
-	}
-	defer client.Close()
-	defer server.Close()
 	if _, err := client.Write(make([]byte, c.Bytes)); err != nil {
 		return nil, err
 	}
@@ -345,14 +340,8 @@ func fionread(c Case) (*CaseResult, error) {
 
 // rcvlowat sets SO_RCVLOWAT on the receiver: it must not be reported
 // readable before that many bytes have arrived.
-func rcvlowat(c Case) (*CaseResult, error) {
+func rcvlowat(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
-	client, server, err := pair()
-	if err != nil {
-		return nil, err
-	}
-	defer client.Close()
-	defer server.Close()
 	var serr error
 	if err := control(server, func(fd int) { serr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes)) }); err != nil {
 		return nil, err
@@ -374,13 +363,8 @@ func rcvlowat(c Case) (*CaseResult, error) {
 // abortiveClose sends, then closes with SO_LINGER 0 (an RST). The receiver
 // must read a prefix of what was sent and then an ordinary end: EOF or
 // ECONNRESET, nothing else.
-func abortiveClose(c Case) (*CaseResult, error) {
+func abortiveClose(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
-	client, server, err := pair()
-	if err != nil {
-		return nil, err
-	}
-	defer server.Close()
 	if _, err := io.Copy(client, io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
 		return nil, err
 	}
