@@ -98,8 +98,10 @@ func TestManyConnectionsAtOnce(t *testing.T) {
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
 	tr.Check(t, &res)
-	if got := e.Status().Counters.SocketsAdded; got != 128 {
-		t.Errorf("sockets added: got %d, want 128", got)
+	// A client that sends before its server's handshake has finished
+	// declines the pair (it stays on TCP): one socket fewer, one decline.
+	if c := e.Status().Counters; c.SocketsAdded+c.PairsDeclined != 128 || c.PairsDeclined > 4 {
+		t.Errorf("64 connections: %+v; want each pair added or (rarely) declined", c)
 	}
 }
 
