@@ -1,5 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* BPF LSM program: makes splice(2) and sendfile(2) fail with EINVAL when they
+/* BPF LSM programs that keep readers that tcp_bpf gets wrong away from
+ * redirected bytes.
+ *
+ * The splice guard makes splice(2) and sendfile(2) fail with EINVAL when they
  * would read from one of sockredir's sockets.
  *
  * Redirected bytes wait in the socket's psock queue, which only recvmsg reads;
@@ -32,6 +35,13 @@ static __always_inline int is_splice_syscall(void)
 	return 0;
 }
 
+/* Whether sk is in a sockmap (its psock is in sk_user_data). A socket that
+ * sock_ops took out again keeps its sock_states. */
+static __always_inline int in_sockmap(struct sock *sk)
+{
+	return sk && sk->sk_user_data;
+}
+
 SEC("lsm/file_permission")
 int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
 {
@@ -44,9 +54,37 @@ int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
 	if (!sock)
 		return 0;
 	sk = sock->sk; /* a BTF pointer, as bpf_sk_storage_get needs */
-	if (!sk || !bpf_sk_storage_get(&sock_states, sk, 0, 0))
+	if (!in_sockmap(sk) || !bpf_sk_storage_get(&sock_states, sk, 0, 0))
 		return 0;
 	return is_splice_syscall() ? -EINVAL : 0;
+}
+
+/* The FIONREAD guard, attached only on kernels whose tcp_bpf has no ioctl
+ * (6.1): there FIONREAD counts only what came over TCP. A socket that asks
+ * takes its bytes over TCP from then on, and its server port's next
+ * connections from the start (refuse_inbound); bytes redirected before the
+ * first FIONREAD are not counted by that call. */
+#define SIOCINQ 0x541B /* FIONREAD */
+
+SEC("lsm/file_ioctl")
+int BPF_PROG(sockredir_fionread_guard, struct file *file, unsigned int cmd, unsigned long arg, int ret)
+{
+	struct sock_state *st;
+	struct socket *sock;
+	struct sock *sk;
+
+	if (ret || cmd != SIOCINQ)
+		return ret;
+	sock = bpf_sock_from_file(file);
+	if (!sock)
+		return 0;
+	sk = sock->sk;
+	if (!in_sockmap(sk))
+		return 0;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	if (st)
+		refuse_inbound(st, REFUSED_FIONREAD);
+	return 0;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

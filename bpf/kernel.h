@@ -21,6 +21,7 @@ struct socket {
 struct sock {
 	void *sk_user_data; /* the sk_psock, with flags in the low bits */
 	struct socket *sk_socket;
+	int sk_rcvlowat;
 } __attribute__((preserve_access_index));
 
 struct task_struct;

@@ -29,6 +29,18 @@ static __always_inline void decline(struct sock_state *st)
 	count(COUNTER_PAIRS_DECLINED, 1);
 }
 
+/* Whether the peer has refused redirected bytes (see refuse_inbound). Looks
+ * only when some socket refused since this one last looked. */
+static __always_inline int peer_refuses(struct sock_state *st)
+{
+	__u32 *gen = get_refusal_gen();
+
+	if (!gen || *gen == st->seen_refusals)
+		return 0;
+	st->seen_refusals = *gen;
+	return bpf_map_lookup_elem(&refusals, &st->peer) != 0;
+}
+
 SEC("sk_msg")
 int sockredir_redirect(struct sk_msg_md *msg)
 {
@@ -39,8 +51,15 @@ int sockredir_redirect(struct sk_msg_md *msg)
 	if (!sk || !settings)
 		goto pass;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
-	if (!st)
+	if (!st || st->mode == MODE_PASS)
 		goto pass;
+	if (peer_refuses(st)) {
+		if (st->mode == MODE_UNDECIDED)
+			decline(st);
+		else
+			st->mode = MODE_PASS;
+		goto pass;
+	}
 	if (st->mode == MODE_UNDECIDED) {
 		if (settings->pass_only) {
 			st->mode = MODE_PASS;
@@ -56,8 +75,6 @@ int sockredir_redirect(struct sk_msg_md *msg)
 		st->mode = MODE_REDIRECT;
 		goto redirected;
 	}
-	if (st->mode != MODE_REDIRECT)
-		goto pass;
 	/* Stopping is safe at any message: the receiver reads what was
 	 * redirected before what comes over TCP. Starting again is not. */
 	if (!settings->redirect_enabled) {

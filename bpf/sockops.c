@@ -237,7 +237,24 @@ static __always_inline void tune(struct bpf_sock_ops *skops, struct settings *s)
 	}
 }
 
-static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_key *k)
+/* Whether a socket reads in a way that tcp_bpf gets wrong from the start: it
+ * set SO_RCVLOWAT before it was connected (or inherited it from its
+ * listener), or its server port refused before (refuse_inbound). Such a
+ * connection stays on TCP, both of its sockets out of sock_hash. */
+static __always_inline int refuses_from_start(struct bpf_sock *sk, struct sock_key *k, int passive)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	struct port_key port = { .netns = k->netns, .port = k->local_port };
+
+	if (!tp || BPF_CORE_READ((struct sock *)tp, sk_rcvlowat) > 1 ||
+	    (passive && bpf_map_lookup_elem(&refusing_ports, &port))) {
+		count(COUNTER_INBOUND_REFUSED, 1);
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_key *k, __u32 flags)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct sock_state *st;
@@ -251,6 +268,8 @@ static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_ke
 	}
 	mirror_key(k, &st->peer);
 	st->mode = MODE_UNDECIDED;
+	st->seen_refusals = 0;
+	st->flags = flags;
 	/* A full map leaves the connection on the normal path. */
 	if (bpf_sock_hash_update(skops, &sock_hash, k, BPF_NOEXIST)) {
 		bpf_sk_storage_delete(&sock_states, sk);
@@ -287,6 +306,7 @@ static __always_inline int is_blocking(struct bpf_sock *sk)
 
 static __always_inline void add_active(struct bpf_sock_ops *skops, struct settings *s)
 {
+	struct bpf_sock *sk = skops->sk;
 	struct sock_key k, server;
 	__u32 stage = PENDING_CLIENT;
 
@@ -302,19 +322,22 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 		count(COUNTER_POLICY_SKIPPED, 1);
 		return;
 	}
-	if (!skops->sk || (!(s->policy & POLICY_ACCELERATE_BLOCKING) && is_blocking(skops->sk))) {
+	if (!sk || (!(s->policy & POLICY_ACCELERATE_BLOCKING) && is_blocking(sk))) {
 		count(COUNTER_BLOCKING_SKIPPED, 1);
 		return;
 	}
+	if (refuses_from_start(sk, &k, 0))
+		return;
 
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;
-	if (add_socket(skops, &k))
+	if (add_socket(skops, &k, 0))
 		bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
 }
 
 static __always_inline void add_passive(struct bpf_sock_ops *skops)
 {
+	struct bpf_sock *sk = skops->sk;
 	struct sock_key k, client;
 
 	key_from_ops(skops, &k);
@@ -323,8 +346,15 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;
 	mirror_key(&k, &client);
-	if (take_pending(&client, PENDING_CLIENT))
-		add_socket(skops, &k);
+	if (!take_pending(&client, PENDING_CLIENT) || !sk)
+		return;
+	if (refuses_from_start(sk, &k, 1)) {
+		/* The client is in already, with nothing redirected to it yet:
+		 * take it out again. */
+		bpf_map_delete_elem(&sock_hash, &client);
+		return;
+	}
+	add_socket(skops, &k, SOCK_PASSIVE);
 }
 
 SEC("sockops")

@@ -49,11 +49,23 @@ enum redirect_mode {
 	MODE_PASS = 2,
 };
 
+/* sock_state.flags */
+#define SOCK_PASSIVE (1 << 0) /* the server side of its connection */
+
 /* Per-socket state, in socket-local storage. */
 struct sock_state {
 	struct sock_key peer;  /* the peer's key in sock_hash */
-	__u32 mode;            /* enum redirect_mode */
+	__u32 mode;            /* enum redirect_mode, for what this socket sends */
+	__u32 seen_refusals;   /* refusal_gen when this socket last checked */
+	__u32 flags;           /* SOCK_* */
 	__u32 pad;
+};
+
+/* Why a socket takes its bytes over TCP only (values of refusals). Each is
+ * a way of reading that tcp_bpf gets wrong for redirected bytes. */
+enum refusal {
+	REFUSED_RCVLOWAT = 1, /* it set SO_RCVLOWAT: tcp_bpf ignores it */
+	REFUSED_FIONREAD = 2, /* it asked FIONREAD, on a kernel whose tcp_bpf can't answer */
 };
 
 /* Indexes into the counters map; pkg/datapath names them. */
@@ -67,8 +79,12 @@ enum counter {
 	COUNTER_PAIRS_DECLINED,
 	COUNTER_BLOCKING_SKIPPED,
 	COUNTER_POLICY_SKIPPED,
+	COUNTER_INBOUND_REFUSED,
 	COUNTER_MAX,
 };
+
+/* The counters map has room to grow without changing its layout. */
+#define COUNTER_SLOTS 32
 
 /* Settings the loader changes at run time. */
 struct settings {
@@ -172,7 +188,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, COUNTER_MAX);
+	__uint(max_entries, COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
@@ -183,6 +199,43 @@ struct {
 	__type(key, __u32);
 	__type(value, struct settings);
 } settings SEC(".maps");
+
+/* Sockets that take their bytes over TCP only, by their own key, and why.
+ * A socket refuses when it starts to read in a way that tcp_bpf gets wrong;
+ * its peer then sends over TCP from its next message on. That is safe at any
+ * point: the receiver reads what was redirected before what comes over TCP.
+ * LRU: keys name one connection each, so stale entries only take space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sock_key);
+	__type(value, __u32);
+} refusals SEC(".maps");
+
+/* Bumped on every refusal, so that senders look refusals up only when there
+ * is something new: an array lookup per message instead of a hash lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} refusal_gen SEC(".maps");
+
+/* A server port: netns as in sock_key. */
+struct port_key {
+	__u64 netns;
+	__u32 port;
+	__u32 pad;
+};
+
+/* Server ports whose sockets refused before, and why: their next
+ * connections refuse from the start (see refuse_inbound). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct port_key);
+	__type(value, __u32);
+} refusing_ports SEC(".maps");
 
 static __always_inline void count(enum counter c, __u64 n)
 {
@@ -212,6 +265,36 @@ static __always_inline void mirror_key(const struct sock_key *k, struct sock_key
 	m->remote_seq = k->local_seq;
 	m->family = k->family;
 	m->pad = 0;
+}
+
+static __always_inline __u32 *get_refusal_gen(void)
+{
+	__u32 key = 0;
+
+	return bpf_map_lookup_elem(&refusal_gen, &key);
+}
+
+/* Makes the socket with state st take its bytes over TCP from now on. A
+ * server socket also marks its port, so that the service's next connections
+ * refuse at once, before a byte is redirected. */
+static __always_inline void refuse_inbound(struct sock_state *st, __u32 why)
+{
+	struct sock_key own;
+	__u32 *gen;
+
+	mirror_key(&st->peer, &own);
+	if (bpf_map_lookup_elem(&refusals, &own))
+		return;
+	bpf_map_update_elem(&refusals, &own, &why, BPF_ANY);
+	if (st->flags & SOCK_PASSIVE) {
+		struct port_key port = { .netns = own.netns, .port = own.local_port };
+
+		bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
+	}
+	gen = get_refusal_gen();
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
+	count(COUNTER_INBOUND_REFUSED, 1);
 }
 
 #endif /* __SOCKREDIR_H */

@@ -87,7 +87,7 @@ func TestCLIUpStatusDown(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || r.code != 0 {
 		t.Fatalf("status --json: exit %d, %v: %s%s", r.code, err, r.stdout, r.stderr)
 	}
-	if !st.Up || st.Cgroup != e.Cgroup || len(st.Programs) != 2 {
+	if !st.Up || st.Cgroup != e.Cgroup || len(st.Programs) != 3 {
 		t.Errorf("status: %+v", st)
 	}
 	if r := runCLI(t, nil, "status", "--pin-dir", e.PinDir); !strings.Contains(r.stdout, "state:") {

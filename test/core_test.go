@@ -229,11 +229,11 @@ func TestUpDownLifecycle(t *testing.T) {
 	if res := e.Up(datapath.Config{}); res != datapath.AlreadyUp {
 		t.Fatalf("second up: %s, want %s", res, datapath.AlreadyUp)
 	}
-	if ids := e.AttachedSockOps(); len(ids) != 1 {
-		t.Fatalf("sock_ops programs attached to the cgroup: %v, want one", ids)
+	if sockops, setsockopt := e.AttachedSockOps(), e.AttachedSetsockopt(); len(sockops) != 1 || len(setsockopt) != 1 {
+		t.Fatalf("programs attached to the cgroup: sock_ops %v, setsockopt %v, want one each", sockops, setsockopt)
 	}
 	st := e.Status()
-	if !st.Up || !st.RedirectEnabled || st.Cgroup != e.Cgroup || len(st.Programs) != 2 {
+	if !st.Up || !st.RedirectEnabled || st.Cgroup != e.Cgroup || len(st.Programs) != 3 {
 		t.Fatalf("status after up: %+v", st)
 	}
 

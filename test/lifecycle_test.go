@@ -198,12 +198,12 @@ func TestLargeTransfer(t *testing.T) {
 func waitDetached(t *testing.T, e *harness.Env) {
 	t.Helper()
 	for range 50 {
-		if len(e.AttachedSockOps()) == 0 {
+		if len(e.AttachedSockOps()) == 0 && len(e.AttachedSetsockopt()) == 0 {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("sock_ops programs still attached: %v", e.AttachedSockOps())
+	t.Fatalf("programs still attached: sock_ops %v, setsockopt %v", e.AttachedSockOps(), e.AttachedSetsockopt())
 }
 
 // A datapath pinned by a build with another map layout gets a clear

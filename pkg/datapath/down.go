@@ -73,8 +73,10 @@ func Down(opts DownOptions) (bool, error) {
 			return true, err
 		}
 	}
-	if err := unpinLink(p); err != nil {
-		return true, err
+	for _, name := range []string{pinLink, pinSockoptLink} {
+		if err := unpinLink(p, name); err != nil {
+			return true, err
+		}
 	}
 	if err := drain(maps, meta.cgroup(), opts); err != nil {
 		return true, err
@@ -89,19 +91,19 @@ func Down(opts DownOptions) (bool, error) {
 	return true, nil
 }
 
-// unpinLink detaches sock_ops from the cgroup: the pin was the link's last
+// unpinLink detaches a program from the cgroup: the pin was the link's last
 // reference.
-func unpinLink(p pins) error {
-	if !p.has(pinLink) {
+func unpinLink(p pins, name string) error {
+	if !p.has(name) {
 		return nil
 	}
-	l, err := link.LoadPinnedLink(p.path(pinLink), nil)
+	l, err := link.LoadPinnedLink(p.path(name), nil)
 	if err != nil {
-		return fmt.Errorf("opening the pinned cgroup link: %w", err)
+		return fmt.Errorf("opening the pinned link %s: %w", name, err)
 	}
 	defer l.Close()
 	if err := l.Unpin(); err != nil {
-		return fmt.Errorf("unpinning the cgroup link: %w", err)
+		return fmt.Errorf("unpinning the link %s: %w", name, err)
 	}
 	return nil
 }

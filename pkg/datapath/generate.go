@@ -5,5 +5,6 @@ package datapath
 //
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem sockops sockops ../../bpf/sockops.c -- -I../../bpf -I../../bpf/headers -Wall -Werror
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem redirect redirect ../../bpf/redirect.c -- -I../../bpf -I../../bpf/headers -Wall -Werror
+//go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem sockopt sockopt ../../bpf/sockopt.c -- -I../../bpf -I../../bpf/headers -Wall -Werror
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem inspect inspect ../../bpf/inspect.c -- -I../../bpf -I../../bpf/headers -Wall -Werror
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem guard guard ../../bpf/guard.c -- -I../../bpf -I../../bpf/headers -Wall -Werror

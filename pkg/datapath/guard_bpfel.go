@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type guardPortKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Port  uint32
+	Pad   uint32
+}
+
 type guardSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
@@ -35,23 +42,29 @@ type guardSockKey struct {
 }
 
 type guardSockState struct {
-	_    structs.HostLayout
-	Peer guardSockKey
-	Mode uint32
-	Pad  uint32
+	_            structs.HostLayout
+	Peer         guardSockKey
+	Mode         uint32
+	SeenRefusals uint32
+	Flags        uint32
+	Pad          uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	guardMapCounters              = "counters"
-	guardMapLocalAddrs            = "local_addrs"
-	guardMapPending               = "pending"
-	guardMapSettings              = "settings"
-	guardMapSockHash              = "sock_hash"
-	guardMapSockStates            = "sock_states"
-	guardProgSockredirSpliceGuard = "sockredir_splice_guard"
+	guardMapCounters                = "counters"
+	guardMapLocalAddrs              = "local_addrs"
+	guardMapPending                 = "pending"
+	guardMapRefusalGen              = "refusal_gen"
+	guardMapRefusals                = "refusals"
+	guardMapRefusingPorts           = "refusing_ports"
+	guardMapSettings                = "settings"
+	guardMapSockHash                = "sock_hash"
+	guardMapSockStates              = "sock_states"
+	guardProgSockredirFionreadGuard = "sockredir_fionread_guard"
+	guardProgSockredirSpliceGuard   = "sockredir_splice_guard"
 )
 
 // loadGuard returns the embedded CollectionSpec for guard.
@@ -96,19 +109,23 @@ type guardSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type guardProgramSpecs struct {
-	SockredirSpliceGuard *ebpf.ProgramSpec `ebpf:"sockredir_splice_guard"`
+	SockredirFionreadGuard *ebpf.ProgramSpec `ebpf:"sockredir_fionread_guard"`
+	SockredirSpliceGuard   *ebpf.ProgramSpec `ebpf:"sockredir_splice_guard"`
 }
 
 // guardMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type guardMapSpecs struct {
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending    *ebpf.MapSpec `ebpf:"pending"`
-	Settings   *ebpf.MapSpec `ebpf:"settings"`
-	SockHash   *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates *ebpf.MapSpec `ebpf:"sock_states"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending       *ebpf.MapSpec `ebpf:"pending"`
+	RefusalGen    *ebpf.MapSpec `ebpf:"refusal_gen"`
+	Refusals      *ebpf.MapSpec `ebpf:"refusals"`
+	RefusingPorts *ebpf.MapSpec `ebpf:"refusing_ports"`
+	Settings      *ebpf.MapSpec `ebpf:"settings"`
+	SockHash      *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates    *ebpf.MapSpec `ebpf:"sock_states"`
 }
 
 // guardVariableSpecs contains global variables before they are loaded into the kernel.
@@ -137,12 +154,15 @@ func (o *guardObjects) Close() error {
 //
 // It can be passed to loadGuardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type guardMaps struct {
-	Counters   *ebpf.Map `ebpf:"counters"`
-	LocalAddrs *ebpf.Map `ebpf:"local_addrs"`
-	Pending    *ebpf.Map `ebpf:"pending"`
-	Settings   *ebpf.Map `ebpf:"settings"`
-	SockHash   *ebpf.Map `ebpf:"sock_hash"`
-	SockStates *ebpf.Map `ebpf:"sock_states"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
+	Pending       *ebpf.Map `ebpf:"pending"`
+	RefusalGen    *ebpf.Map `ebpf:"refusal_gen"`
+	Refusals      *ebpf.Map `ebpf:"refusals"`
+	RefusingPorts *ebpf.Map `ebpf:"refusing_ports"`
+	Settings      *ebpf.Map `ebpf:"settings"`
+	SockHash      *ebpf.Map `ebpf:"sock_hash"`
+	SockStates    *ebpf.Map `ebpf:"sock_states"`
 }
 
 func (m *guardMaps) Close() error {
@@ -150,6 +170,9 @@ func (m *guardMaps) Close() error {
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,
+		m.RefusalGen,
+		m.Refusals,
+		m.RefusingPorts,
 		m.Settings,
 		m.SockHash,
 		m.SockStates,
@@ -166,11 +189,13 @@ type guardVariables struct {
 //
 // It can be passed to loadGuardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type guardPrograms struct {
-	SockredirSpliceGuard *ebpf.Program `ebpf:"sockredir_splice_guard"`
+	SockredirFionreadGuard *ebpf.Program `ebpf:"sockredir_fionread_guard"`
+	SockredirSpliceGuard   *ebpf.Program `ebpf:"sockredir_splice_guard"`
 }
 
 func (p *guardPrograms) Close() error {
 	return _GuardClose(
+		p.SockredirFionreadGuard,
 		p.SockredirSpliceGuard,
 	)
 }

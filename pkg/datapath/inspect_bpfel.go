@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type inspectPortKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Port  uint32
+	Pad   uint32
+}
+
 type inspectSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
@@ -35,10 +42,12 @@ type inspectSockKey struct {
 }
 
 type inspectSockState struct {
-	_    structs.HostLayout
-	Peer inspectSockKey
-	Mode uint32
-	Pad  uint32
+	_            structs.HostLayout
+	Peer         inspectSockKey
+	Mode         uint32
+	SeenRefusals uint32
+	Flags        uint32
+	Pad          uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -48,6 +57,9 @@ const (
 	inspectMapCounters          = "counters"
 	inspectMapLocalAddrs        = "local_addrs"
 	inspectMapPending           = "pending"
+	inspectMapRefusalGen        = "refusal_gen"
+	inspectMapRefusals          = "refusals"
+	inspectMapRefusingPorts     = "refusing_ports"
 	inspectMapSettings          = "settings"
 	inspectMapSockHash          = "sock_hash"
 	inspectMapSockStates        = "sock_states"
@@ -103,12 +115,15 @@ type inspectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type inspectMapSpecs struct {
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending    *ebpf.MapSpec `ebpf:"pending"`
-	Settings   *ebpf.MapSpec `ebpf:"settings"`
-	SockHash   *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates *ebpf.MapSpec `ebpf:"sock_states"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending       *ebpf.MapSpec `ebpf:"pending"`
+	RefusalGen    *ebpf.MapSpec `ebpf:"refusal_gen"`
+	Refusals      *ebpf.MapSpec `ebpf:"refusals"`
+	RefusingPorts *ebpf.MapSpec `ebpf:"refusing_ports"`
+	Settings      *ebpf.MapSpec `ebpf:"settings"`
+	SockHash      *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates    *ebpf.MapSpec `ebpf:"sock_states"`
 }
 
 // inspectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -137,12 +152,15 @@ func (o *inspectObjects) Close() error {
 //
 // It can be passed to loadInspectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type inspectMaps struct {
-	Counters   *ebpf.Map `ebpf:"counters"`
-	LocalAddrs *ebpf.Map `ebpf:"local_addrs"`
-	Pending    *ebpf.Map `ebpf:"pending"`
-	Settings   *ebpf.Map `ebpf:"settings"`
-	SockHash   *ebpf.Map `ebpf:"sock_hash"`
-	SockStates *ebpf.Map `ebpf:"sock_states"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
+	Pending       *ebpf.Map `ebpf:"pending"`
+	RefusalGen    *ebpf.Map `ebpf:"refusal_gen"`
+	Refusals      *ebpf.Map `ebpf:"refusals"`
+	RefusingPorts *ebpf.Map `ebpf:"refusing_ports"`
+	Settings      *ebpf.Map `ebpf:"settings"`
+	SockHash      *ebpf.Map `ebpf:"sock_hash"`
+	SockStates    *ebpf.Map `ebpf:"sock_states"`
 }
 
 func (m *inspectMaps) Close() error {
@@ -150,6 +168,9 @@ func (m *inspectMaps) Close() error {
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,
+		m.RefusalGen,
+		m.Refusals,
+		m.RefusingPorts,
 		m.Settings,
 		m.SockHash,
 		m.SockStates,

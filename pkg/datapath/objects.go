@@ -15,28 +15,32 @@ const DefaultMapSize = 65536
 type objects struct {
 	sockops  sockopsObjects
 	redirect redirectObjects
+	sockopt  sockoptObjects
 }
 
 // maps are the datapath's maps, by name; all of them are pinned.
 func (o *objects) maps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		"sock_hash":    o.sockops.SockHash,
-		"sock_states":  o.sockops.SockStates,
-		"local_addrs":  o.sockops.LocalAddrs,
-		"counters":     o.sockops.Counters,
-		"settings":     o.sockops.Settings,
-		"pending":      o.sockops.Pending,
-		"policy_ports": o.sockops.PolicyPorts,
-		"policy_cidrs": o.sockops.PolicyCidrs,
-		"tuning_rules": o.sockops.TuningRules,
+		"sock_hash":      o.sockops.SockHash,
+		"sock_states":    o.sockops.SockStates,
+		"local_addrs":    o.sockops.LocalAddrs,
+		"counters":       o.sockops.Counters,
+		"settings":       o.sockops.Settings,
+		"pending":        o.sockops.Pending,
+		"policy_ports":   o.sockops.PolicyPorts,
+		"policy_cidrs":   o.sockops.PolicyCidrs,
+		"tuning_rules":   o.sockops.TuningRules,
+		"refusals":       o.sockops.Refusals,
+		"refusal_gen":    o.sockops.RefusalGen,
+		"refusing_ports": o.sockops.RefusingPorts,
 	}
 }
 
 func (o *objects) Close() error {
-	return errors.Join(o.sockops.Close(), o.redirect.Close())
+	return errors.Join(o.sockops.Close(), o.redirect.Close(), o.sockopt.Close())
 }
 
-// loadObjects loads both programs. Maps in reuse (by name) are used instead of
+// loadObjects loads the programs that `up` attaches. Maps in reuse (by name) are used instead of
 // new ones, which is how an upgrade keeps the sockets of running connections.
 func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
 	sockopsSpec, err := loadSockops()
@@ -44,6 +48,10 @@ func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
 		return nil, err
 	}
 	redirectSpec, err := loadRedirect()
+	if err != nil {
+		return nil, err
+	}
+	sockoptSpec, err := loadSockopt()
 	if err != nil {
 		return nil, err
 	}
@@ -59,6 +67,11 @@ func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
 	if err := loadWithMaps(redirectSpec, &o.redirect, o.maps()); err != nil {
 		o.sockops.Close()
 		return nil, fmt.Errorf("loading the sk_msg program: %w", verifierError(err))
+	}
+	if err := loadWithMaps(sockoptSpec, &o.sockopt, o.maps()); err != nil {
+		o.sockops.Close()
+		o.redirect.Close()
+		return nil, fmt.Errorf("loading the setsockopt program: %w", verifierError(err))
 	}
 	return o, nil
 }

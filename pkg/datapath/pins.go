@@ -17,22 +17,25 @@ const DefaultPinDir = "/sys/fs/bpf/sockredir"
 // Names of the pins, besides one per map (named as in bpf/sockredir.h).
 const (
 	pinLink         = "link_sockops"
+	pinSockoptLink  = "link_setsockopt"
 	pinGuardLink    = "link_splice_guard"
+	pinFIONREADLink = "link_fionread_guard"
 	pinSockopsProg  = "prog_sockops"
 	pinRedirectProg = "prog_redirect"
+	pinSockoptProg  = "prog_setsockopt"
 	pinMeta         = "meta"
 )
 
 // mapNames are the maps that outlive the loader, pinned under their own names.
 var mapNames = []string{"sock_hash", "sock_states", "local_addrs", "counters", "settings", "pending",
-	"policy_ports", "policy_cidrs", "tuning_rules"}
+	"policy_ports", "policy_cidrs", "tuning_rules", "refusals", "refusal_gen", "refusing_ports"}
 
 // metaMagic marks a pin directory as sockredir's.
 var metaMagic = [8]byte{'s', 'o', 'c', 'k', 'r', 'e', 'd', 'r'}
 
 // ABIVersion names the layout of the pinned maps. An upgrade in place reuses
 // them, so it is possible only between builds with the same ABIVersion.
-const ABIVersion = 2
+const ABIVersion = 3
 
 // metaRecord is the value of the pinned meta map: what `up` was asked to do,
 // for `status`, `down` and the next `up`.
@@ -152,7 +155,8 @@ func (p pins) loadProgram(name string) (*ebpf.Program, error) {
 // left it empty. Pins of anyone else stay.
 func (p pins) removeAll() error {
 	var errs []error
-	for _, name := range append([]string{pinLink, pinGuardLink, pinSockopsProg, pinRedirectProg, pinMeta}, mapNames...) {
+	for _, name := range append([]string{pinLink, pinSockoptLink, pinGuardLink, pinFIONREADLink,
+		pinSockopsProg, pinRedirectProg, pinSockoptProg, pinMeta}, mapNames...) {
 		if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

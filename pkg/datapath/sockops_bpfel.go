@@ -19,6 +19,13 @@ type sockopsCidrKey struct {
 	Addr      [4]uint32
 }
 
+type sockopsPortKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Port  uint32
+	Pad   uint32
+}
+
 type sockopsSettings struct {
 	_               structs.HostLayout
 	RedirectEnabled uint32
@@ -41,10 +48,12 @@ type sockopsSockKey struct {
 }
 
 type sockopsSockState struct {
-	_    structs.HostLayout
-	Peer sockopsSockKey
-	Mode uint32
-	Pad  uint32
+	_            structs.HostLayout
+	Peer         sockopsSockKey
+	Mode         uint32
+	SeenRefusals uint32
+	Flags        uint32
+	Pad          uint32
 }
 
 type sockopsTuningRule struct {
@@ -72,6 +81,9 @@ const (
 	sockopsMapPending           = "pending"
 	sockopsMapPolicyCidrs       = "policy_cidrs"
 	sockopsMapPolicyPorts       = "policy_ports"
+	sockopsMapRefusalGen        = "refusal_gen"
+	sockopsMapRefusals          = "refusals"
+	sockopsMapRefusingPorts     = "refusing_ports"
 	sockopsMapSettings          = "settings"
 	sockopsMapSockHash          = "sock_hash"
 	sockopsMapSockStates        = "sock_states"
@@ -128,15 +140,18 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs  *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending     *ebpf.MapSpec `ebpf:"pending"`
-	PolicyCidrs *ebpf.MapSpec `ebpf:"policy_cidrs"`
-	PolicyPorts *ebpf.MapSpec `ebpf:"policy_ports"`
-	Settings    *ebpf.MapSpec `ebpf:"settings"`
-	SockHash    *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates  *ebpf.MapSpec `ebpf:"sock_states"`
-	TuningRules *ebpf.MapSpec `ebpf:"tuning_rules"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending       *ebpf.MapSpec `ebpf:"pending"`
+	PolicyCidrs   *ebpf.MapSpec `ebpf:"policy_cidrs"`
+	PolicyPorts   *ebpf.MapSpec `ebpf:"policy_ports"`
+	RefusalGen    *ebpf.MapSpec `ebpf:"refusal_gen"`
+	Refusals      *ebpf.MapSpec `ebpf:"refusals"`
+	RefusingPorts *ebpf.MapSpec `ebpf:"refusing_ports"`
+	Settings      *ebpf.MapSpec `ebpf:"settings"`
+	SockHash      *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates    *ebpf.MapSpec `ebpf:"sock_states"`
+	TuningRules   *ebpf.MapSpec `ebpf:"tuning_rules"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -165,15 +180,18 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
-	Counters    *ebpf.Map `ebpf:"counters"`
-	LocalAddrs  *ebpf.Map `ebpf:"local_addrs"`
-	Pending     *ebpf.Map `ebpf:"pending"`
-	PolicyCidrs *ebpf.Map `ebpf:"policy_cidrs"`
-	PolicyPorts *ebpf.Map `ebpf:"policy_ports"`
-	Settings    *ebpf.Map `ebpf:"settings"`
-	SockHash    *ebpf.Map `ebpf:"sock_hash"`
-	SockStates  *ebpf.Map `ebpf:"sock_states"`
-	TuningRules *ebpf.Map `ebpf:"tuning_rules"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
+	Pending       *ebpf.Map `ebpf:"pending"`
+	PolicyCidrs   *ebpf.Map `ebpf:"policy_cidrs"`
+	PolicyPorts   *ebpf.Map `ebpf:"policy_ports"`
+	RefusalGen    *ebpf.Map `ebpf:"refusal_gen"`
+	Refusals      *ebpf.Map `ebpf:"refusals"`
+	RefusingPorts *ebpf.Map `ebpf:"refusing_ports"`
+	Settings      *ebpf.Map `ebpf:"settings"`
+	SockHash      *ebpf.Map `ebpf:"sock_hash"`
+	SockStates    *ebpf.Map `ebpf:"sock_states"`
+	TuningRules   *ebpf.Map `ebpf:"tuning_rules"`
 }
 
 func (m *sockopsMaps) Close() error {
@@ -183,6 +201,9 @@ func (m *sockopsMaps) Close() error {
 		m.Pending,
 		m.PolicyCidrs,
 		m.PolicyPorts,
+		m.RefusalGen,
+		m.Refusals,
+		m.RefusingPorts,
 		m.Settings,
 		m.SockHash,
 		m.SockStates,

@@ -19,6 +19,13 @@ type Status struct {
 	// SpliceGuard says whether splice(2) reads of accelerated sockets are
 	// turned into EINVAL; without it a splice reader loses redirected bytes.
 	SpliceGuard bool `json:"splice_guard"`
+	// FIONREADGuard says whether a socket that asks FIONREAD takes its
+	// bytes over TCP from then on: attached where FIONREAD ignores
+	// redirected bytes.
+	FIONREADGuard bool `json:"fionread_guard"`
+	// RefusingPorts are server ports whose sockets read in a way that
+	// tcp_bpf gets wrong, so their connections get no redirected bytes.
+	RefusingPorts []RefusingPort `json:"refusing_ports,omitempty"`
 	// Kernel is what this kernel does with sockets in a sockhash.
 	Kernel        KernelRules `json:"kernel"`
 	MapSize       uint32      `json:"map_size,omitempty"`
@@ -27,6 +34,17 @@ type Status struct {
 	Programs      []Program   `json:"programs,omitempty"`
 	Counters      Counters    `json:"counters"`
 }
+
+// RefusingPort is a server port, in the network namespace with cookie NetNS
+// (0 for all but loopback), whose sockets take their bytes over TCP only.
+type RefusingPort struct {
+	NetNS  uint64 `json:"netns,omitempty"`
+	Port   uint32 `json:"port"`
+	Reason string `json:"reason"`
+}
+
+// refusalReasons names enum refusal of bpf/sockredir.h.
+var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD"}
 
 // Program is one pinned BPF program.
 type Program struct {
@@ -46,13 +64,18 @@ type Counters struct {
 	PairsDeclined      uint64 `json:"pairs_declined"`
 	BlockingSkipped    uint64 `json:"blocking_skipped"`
 	PolicySkipped      uint64 `json:"policy_skipped"`
+	// InboundRefused counts sockets that took their bytes over TCP
+	// because of how they read (SO_RCVLOWAT, FIONREAD where it can't count
+	// redirected bytes).
+	InboundRefused uint64 `json:"inbound_refused"`
 }
 
 // counterFields lists Counters' fields in the order of enum counter in
 // bpf/sockredir.h.
 func (c *Counters) counterFields() []*uint64 {
 	return []*uint64{&c.SocketsAdded, &c.AddFailures, &c.MessagesRedirected, &c.BytesRedirected,
-		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined, &c.BlockingSkipped, &c.PolicySkipped}
+		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined, &c.BlockingSkipped, &c.PolicySkipped,
+		&c.InboundRefused}
 }
 
 // ReadStatus reports on the datapath pinned in pinDir (DefaultPinDir if empty).
@@ -82,6 +105,7 @@ func ReadStatus(pinDir string) (Status, error) {
 	}
 	st.Up = p.has(pinLink)
 	st.SpliceGuard = p.has(pinGuardLink)
+	st.FIONREADGuard = p.has(pinFIONREADLink)
 	st.Cgroup = meta.cgroup()
 	st.MapSize = meta.MapSize
 
@@ -102,10 +126,17 @@ func ReadStatus(pinDir string) (Status, error) {
 			return st, err
 		}
 	}
+	if m := maps["refusing_ports"]; m != nil {
+		var key sockopsPortKey
+		var why uint32
+		for it := m.Iterate(); it.Next(&key, &why); {
+			st.RefusingPorts = append(st.RefusingPorts, RefusingPort{NetNS: key.Netns, Port: key.Port, Reason: refusalReasons[why]})
+		}
+	}
 	if st.Sockets, st.UnreadSockets, err = countSockets(maps, st.Cgroup); err != nil {
 		return st, err
 	}
-	for _, name := range []string{pinSockopsProg, pinRedirectProg} {
+	for _, name := range []string{pinSockopsProg, pinRedirectProg, pinSockoptProg} {
 		prog, err := p.loadProgram(name)
 		if err != nil || prog == nil {
 			continue
@@ -162,6 +193,8 @@ func (s Status) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fionread := "counts redirected and TCP bytes"
 	switch {
+	case !s.Kernel.FIONREADCountsRedirected && s.FIONREADGuard:
+		fionread = "ignores redirected bytes on this kernel: a socket that asks gets its bytes over TCP from then on, and so do later connections to its server port"
 	case !s.Kernel.FIONREADCountsRedirected:
 		fionread = "ignores redirected bytes on this kernel: applications that size reads with it may stall"
 	case !s.Kernel.FIONREADCountsTCP:
@@ -191,10 +224,14 @@ func (s Status) WriteText(w io.Writer) error {
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
 		{"blocking clients left on TCP", fmt.Sprint(c.BlockingSkipped)},
 		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
+		{"sockets refusing redirected bytes", fmt.Sprint(c.InboundRefused)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {
 		fmt.Fprintf(tw, "%s:\t%s\n", row[0], row[1])
+	}
+	for _, r := range s.RefusingPorts {
+		fmt.Fprintf(tw, "port on TCP only:\t%d (%s seen)\n", r.Port, r.Reason)
 	}
 	for _, p := range s.Programs {
 		fmt.Fprintf(tw, "program:\t%s (id %d, tag %s)\n", p.Name, p.ID, p.Tag)

@@ -166,9 +166,8 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); err != nil {
 		return "", err
 	}
-	if err := attachSpliceGuard(p, objs.maps()); err != nil {
-		cfg.Log.Warn("splice(2) readers of accelerated sockets are not protected: "+
-			"the splice guard could not be attached (see docs/correctness.md)", zap.Error(err))
+	if err := attachGuards(p, objs.maps(), cfg.Log); err != nil {
+		return "", err
 	}
 	if err := configure(objs, cfg); err != nil {
 		return "", err
@@ -188,37 +187,54 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if err := p.pinProgram(objs.sockops.SockredirSockops, pinSockopsProg); err != nil {
 		return "", err
 	}
+	if err := p.pinProgram(objs.sockopt.SockredirSetsockopt, pinSockoptProg); err != nil {
+		return "", err
+	}
 
-	// The cgroup attachment comes last: until it exists nothing enters the
-	// map, and a loader killed before it pins the link leaves nothing
-	// attached (an unpinned link dies with its process).
-	if p.has(pinLink) {
-		l, err := link.LoadPinnedLink(p.path(pinLink), nil)
-		if err != nil {
-			return "", fmt.Errorf("opening the pinned cgroup link: %w", err)
-		}
-		defer l.Close()
-		if err := l.Update(objs.sockops.SockredirSockops); err != nil {
-			return "", fmt.Errorf("replacing the sock_ops program: %w", err)
-		}
+	// setsockopt first: a socket that sock_ops pairs must already be
+	// watched. The sock_ops attachment comes last: until it exists nothing
+	// enters the map, and a loader killed before it pins the link leaves
+	// nothing attached (an unpinned link dies with its process).
+	if _, err := attachToCgroup(p, pinSockoptLink, cfg.Cgroup, ebpf.AttachCGroupSetsockopt, objs.sockopt.SockredirSetsockopt, "setsockopt"); err != nil {
+		return "", err
+	}
+	upgraded, err := attachToCgroup(p, pinLink, cfg.Cgroup, ebpf.AttachCGroupSockOps, objs.sockops.SockredirSockops, "sock_ops")
+	if err != nil {
+		return "", err
+	}
+	if upgraded {
 		cfg.Log.Info("upgraded in place", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
 		return Upgraded, nil
-	}
-	l, err := link.AttachCgroup(link.CgroupOptions{
-		Path:    cfg.Cgroup,
-		Attach:  ebpf.AttachCGroupSockOps,
-		Program: objs.sockops.SockredirSockops,
-	})
-	if err != nil {
-		return "", fmt.Errorf("attaching the sock_ops program to cgroup %s: %w", cfg.Cgroup, err)
-	}
-	defer l.Close()
-	if err := l.Pin(p.path(pinLink)); err != nil {
-		return "", fmt.Errorf("pinning the cgroup link: %w", err)
 	}
 	cfg.Log.Info("attached", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir),
 		zap.Uint32("map_size", cfg.MapSize))
 	return Attached, nil
+}
+
+// attachToCgroup attaches the kind program prog to the cgroup with a link
+// pinned as pinName or, when that link exists, swaps its program in place (an
+// upgrade, which it reports).
+func attachToCgroup(p pins, pinName, cgroup string, attach ebpf.AttachType, prog *ebpf.Program, kind string) (upgraded bool, err error) {
+	if p.has(pinName) {
+		l, err := link.LoadPinnedLink(p.path(pinName), nil)
+		if err != nil {
+			return false, fmt.Errorf("opening the pinned %s link: %w", kind, err)
+		}
+		defer l.Close()
+		if err := l.Update(prog); err != nil {
+			return false, fmt.Errorf("replacing the %s program: %w", kind, err)
+		}
+		return true, nil
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: attach, Program: prog})
+	if err != nil {
+		return false, fmt.Errorf("attaching the %s program to cgroup %s: %w", kind, cgroup, err)
+	}
+	defer l.Close()
+	if err := l.Pin(p.path(pinName)); err != nil {
+		return false, fmt.Errorf("pinning the %s link: %w", kind, err)
+	}
+	return false, nil
 }
 
 // sameProgramsPinned reports whether the pinned programs are the ones just
@@ -227,6 +243,7 @@ func sameProgramsPinned(p pins, objs *objects) (bool, error) {
 	for name, prog := range map[string]*ebpf.Program{
 		pinSockopsProg:  objs.sockops.SockredirSockops,
 		pinRedirectProg: objs.redirect.SockredirRedirect,
+		pinSockoptProg:  objs.sockopt.SockredirSetsockopt,
 	} {
 		pinnedProg, err := p.loadProgram(name)
 		if err != nil || pinnedProg == nil {

@@ -315,12 +315,15 @@ func checkKernelRules() Check {
 		c.Status, c.Detail = Unknown, fmt.Sprintf("could not be measured: %v", err)
 	case !rules.FIONREADCountsRedirected:
 		c.Status = Warn
-		c.Detail = "ignores redirected bytes on this kernel: applications that size their reads with FIONREAD may stall"
-		c.Remedy = "a kernel whose tcp_bpf answers FIONREAD (docs/research/kernel-sockmap.md), or leave such applications out of the cgroup"
+		c.Detail = "ignores redirected bytes on this kernel. Where BPF LSM programs load (see the splice guard), sockredir's FIONREAD guard " +
+			"puts a socket that asks on TCP from then on, and later connections to its server port from the start; " +
+			"the first FIONREAD on a port still misses the bytes redirected before it"
+		c.Remedy = "a kernel whose tcp_bpf answers FIONREAD (docs/kernels.md), or exclude the ports of applications that use FIONREAD in the policy"
 	case !rules.FIONREADCountsTCP:
 		c.Status = Warn
 		c.Detail = "ignores TCP bytes of sockets in a sockmap on this kernel (929e30f93125 without 04af4efde58a); " +
-			"sockredir inserts only paired sockets, whose bytes are redirected, so its connections are not affected"
+			"sockredir inserts only paired sockets, whose bytes are redirected; only a socket that refused redirected bytes " +
+			"(SO_RCVLOWAT) gets TCP bytes while in the map"
 	default:
 		c.Status, c.Detail = Pass, "counts redirected and TCP bytes"
 	}

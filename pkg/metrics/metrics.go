@@ -52,6 +52,8 @@ func NewCollector(pinDir string) *Collector {
 				func(c datapath.Counters) uint64 { return c.BlockingSkipped }),
 			counter("policy_skipped_total", "Connections the redirect policy (--config) left on plain TCP.",
 				func(c datapath.Counters) uint64 { return c.PolicySkipped }),
+			counter("inbound_refused_total", "Sockets that took their bytes over TCP because they read in a way tcp_bpf gets wrong (SO_RCVLOWAT; FIONREAD where it ignores redirected bytes).",
+				func(c datapath.Counters) uint64 { return c.InboundRefused }),
 			counter("redirected_messages_total", "Messages sent straight into the peer socket's receive queue.",
 				func(c datapath.Counters) uint64 { return c.MessagesRedirected }),
 			counter("redirected_bytes_total", "Bytes sent straight into the peer socket's receive queue.",

@@ -37,8 +37,8 @@ func TestMetricNames(t *testing.T) {
 			t.Errorf("badly named or undocumented: %s", s)
 		}
 	}
-	if n != 12 {
-		t.Errorf("%d metrics described, want 12", n)
+	if n != 13 {
+		t.Errorf("%d metrics described, want 13", n)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -51,9 +52,12 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"splice-relay":               spliceRelay,
 	"sendfile":                   withPair(sendfileSender),
 	"peek":                       withPair(peek),
-	"fionread":                   withPair(fionread),
-	"rcvlowat":                   withPair(rcvlowat),
+	"fionread":                   fionread,
+	"rcvlowat":                   rcvlowat(afterAccept),
+	"rcvlowat-before-connect":    rcvlowat(beforeConnect),
+	"rcvlowat-after-data":        rcvlowat(afterData),
 	"abortive-close":             withPair(abortiveClose),
+	"epoll-level-rdhup":          withPair(epollLevelRDHUP),
 	"connect-time":               connectTime,
 	"tcp-options":                tcpOptions,
 }
@@ -74,7 +78,12 @@ func newResult() *CaseResult {
 // withPair runs a case on a fresh loopback connection, closed afterwards.
 func withPair(run func(c Case, client, server *net.TCPConn) (*CaseResult, error)) func(Case) (*CaseResult, error) {
 	return func(c Case) (*CaseResult, error) {
-		client, server, err := pair()
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		client, server, err := connect(ln.(*net.TCPListener))
 		if err != nil {
 			return nil, err
 		}
@@ -84,13 +93,8 @@ func withPair(run func(c Case, client, server *net.TCPConn) (*CaseResult, error)
 	}
 }
 
-// pair returns the two ends of a fresh loopback connection.
-func pair() (client, server *net.TCPConn, err error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, nil, err
-	}
-	defer ln.Close()
+// connect returns the two ends of a fresh loopback connection to ln.
+func connect(ln *net.TCPListener) (client, server *net.TCPConn, err error) {
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		return nil, nil, err
@@ -316,47 +320,177 @@ func peek(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 }
 
 // fionread sends a few bytes and asks the receiver how many are waiting, as
-// nginx does before it reads.
-func fionread(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+// nginx does before it reads; then does the same on a second connection to
+// the same server port.
+func fionread(c Case) (*CaseResult, error) {
 	res := newResult()
-	if _, err := client.Write(make([]byte, c.Bytes)); err != nil {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
 		return nil, err
 	}
+	defer ln.Close()
+	for _, name := range []string{"fionread", "fionread_next_connection"} {
+		client, server, err := connect(ln)
+		if err != nil {
+			return nil, err
+		}
+		n, err := fionreadOnce(c.Bytes, client, server)
+		client.Close()
+		server.Close()
+		if err != nil {
+			res.Errors[name] = err.Error()
+		}
+		res.Values[name] = n
+	}
+	return res, nil
+}
+
+func fionreadOnce(bytes int64, client, server *net.TCPConn) (int64, error) {
+	if _, err := client.Write(make([]byte, bytes)); err != nil {
+		return 0, err
+	}
 	if err := waitReadable(server, 2*time.Second); err != nil {
-		return nil, err
+		return 0, err
 	}
 	time.Sleep(50 * time.Millisecond) // all of it arrived, on any path
 	var n int
 	var ierr error
 	if err := control(server, func(fd int) { n, ierr = unix.IoctlGetInt(fd, unix.SIOCINQ) }); err != nil {
-		return nil, err
+		return 0, err
 	}
-	if ierr != nil {
-		res.Errors["ioctl"] = ierr.Error()
-	}
-	res.Values["fionread"] = int64(n)
-	return res, nil
+	return int64(n), ierr
 }
 
-// rcvlowat sets SO_RCVLOWAT on the receiver: it must not be reported
-// readable before that many bytes have arrived.
-func rcvlowat(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+// When the receiver of the rcvlowat cases sets SO_RCVLOWAT.
+const (
+	afterAccept   = iota // the server, on its accepted socket, before any data
+	beforeConnect        // the client, before it connects
+	afterData            // the server, after it has read some of the stream
+)
+
+// rcvlowat sets SO_RCVLOWAT (c.Bytes) on the receiver: it must not be
+// reported readable before that many bytes have arrived.
+func rcvlowat(when int) func(Case) (*CaseResult, error) {
+	return func(c Case) (*CaseResult, error) {
+		res := newResult()
+		ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		var lowatErr error
+		setLowat := func(fd int) { lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes)) }
+		dialer := net.Dialer{}
+		if when == beforeConnect {
+			dialer.Control = func(_, _ string, raw syscall.RawConn) error {
+				return errors.Join(raw.Control(func(fd uintptr) { setLowat(int(fd)) }), lowatErr)
+			}
+		}
+		conn, err := dialer.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		accepted, err := ln.AcceptTCP()
+		if err != nil {
+			return nil, err
+		}
+		defer accepted.Close()
+		sender, receiver := conn.(*net.TCPConn), accepted
+		if when == beforeConnect {
+			sender, receiver = receiver, sender
+		}
+		if when == afterData {
+			// A first part that the receiver reads entirely.
+			if _, err := sender.Write(make([]byte, 100)); err != nil {
+				return nil, err
+			}
+			if _, err := io.ReadFull(receiver, make([]byte, 100)); err != nil {
+				return nil, err
+			}
+		}
+		if when != beforeConnect {
+			if err := control(receiver, setLowat); err != nil || lowatErr != nil {
+				return nil, errors.Join(err, lowatErr)
+			}
+		}
+		if _, err := sender.Write(make([]byte, c.Bytes/2)); err != nil {
+			return nil, err
+		}
+		res.Values["readable_below_lowat"] = boolValue(waitReadable(receiver, 200*time.Millisecond) == nil)
+		if _, err := sender.Write(make([]byte, c.Bytes-c.Bytes/2)); err != nil {
+			return nil, err
+		}
+		res.Values["readable_at_lowat"] = boolValue(waitReadable(receiver, 2*time.Second) == nil)
+		return res, nil
+	}
+}
+
+// epollLevelRDHUP reads the way C event loops do: a level-triggered epoll
+// asking for EPOLLIN and EPOLLRDHUP, and one small read per wakeup, while
+// the sender streams and then shuts down its side. Every byte must arrive,
+// no read after a wakeup may fail with EAGAIN, and EPOLLRDHUP must come with
+// the end of the stream.
+func epollLevelRDHUP(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
-	var serr error
-	if err := control(server, func(fd int) { serr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes)) }); err != nil {
-		return nil, err
+	go func() {
+		if err := writeStream(client, c.Bytes, 1, 0); err != nil {
+			res.Errors["sender"] = err.Error()
+		}
+		client.CloseWrite()
+	}()
+	h := sha256.New()
+	var n, spurious, rdhup int64
+	var loopErr error
+	err := control(server, func(fd int) {
+		ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		if err != nil {
+			loopErr = err
+			return
+		}
+		defer unix.Close(ep)
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: int32(fd)}
+		if loopErr = unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, fd, &ev); loopErr != nil {
+			return
+		}
+		buf := make([]byte, 4096)
+		events := make([]unix.EpollEvent, 1)
+		for {
+			k, err := unix.EpollWait(ep, events, 5000)
+			switch {
+			case errors.Is(err, unix.EINTR):
+				continue
+			case err != nil:
+				loopErr = err
+				return
+			case k == 0:
+				loopErr = fmt.Errorf("no epoll event for 5 s after %d bytes", n)
+				return
+			}
+			if events[0].Events&unix.EPOLLRDHUP != 0 {
+				rdhup = 1
+			}
+			m, err := unix.Read(fd, buf)
+			switch {
+			case errors.Is(err, unix.EAGAIN):
+				spurious++
+			case err != nil:
+				loopErr = err
+				return
+			case m == 0:
+				return
+			default:
+				h.Write(buf[:m])
+				n += int64(m)
+			}
+		}
+	})
+	if err = errors.Join(err, loopErr); err != nil {
+		res.Errors["receiver"] = err.Error()
 	}
-	if serr != nil {
-		return nil, serr
-	}
-	if _, err := client.Write(make([]byte, c.Bytes/2)); err != nil {
-		return nil, err
-	}
-	res.Values["readable_below_lowat"] = boolValue(waitReadable(server, 200*time.Millisecond) == nil)
-	if _, err := client.Write(make([]byte, c.Bytes-c.Bytes/2)); err != nil {
-		return nil, err
-	}
-	res.Values["readable_at_lowat"] = boolValue(waitReadable(server, 2*time.Second) == nil)
+	res.Received["receiver"] = Checked{Received{hex.EncodeToString(h.Sum(nil)), n}, 1, c.Bytes}
+	res.Values["eagain_after_epollin"] = spurious
+	res.Values["rdhup"] = rdhup
 	return res, nil
 }
 
@@ -404,8 +538,8 @@ func waitReadable(c *net.TCPConn, timeout time.Duration) error {
 	return err
 }
 
-// control runs fn on c's file descriptor.
-func control(c *net.TCPConn, fn func(fd int)) error {
+// control runs fn on the file descriptor of a connection or listener.
+func control(c syscall.Conn, fn func(fd int)) error {
 	raw, err := c.SyscallConn()
 	if err != nil {
 		return err

@@ -107,13 +107,23 @@ func (e *Env) down() {
 
 // AttachedSockOps lists the sock_ops programs attached to the test's cgroup.
 func (e *Env) AttachedSockOps() []ebpf.ProgramID {
+	return e.attached(ebpf.AttachCGroupSockOps)
+}
+
+// AttachedSetsockopt lists the setsockopt programs attached to the test's
+// cgroup.
+func (e *Env) AttachedSetsockopt() []ebpf.ProgramID {
+	return e.attached(ebpf.AttachCGroupSetsockopt)
+}
+
+func (e *Env) attached(attach ebpf.AttachType) []ebpf.ProgramID {
 	e.T.Helper()
 	f, err := os.Open(e.Cgroup)
 	if err != nil {
 		e.T.Fatal(err)
 	}
 	defer f.Close()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: ebpf.AttachCGroupSockOps})
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: attach})
 	if err != nil {
 		e.T.Fatalf("querying the cgroup's programs: %v", err)
 	}
