@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -102,6 +103,28 @@ func TestManyConnectionsAtOnce(t *testing.T) {
 	// declines the pair (it stays on TCP): one socket fewer, one decline.
 	if c := e.Status().Counters; c.SocketsAdded+c.PairsDeclined != 128 || c.PairsDeclined > 4 {
 		t.Errorf("64 connections: %+v; want each pair added or (rarely) declined", c)
+	}
+}
+
+// Thousands of connections open at once: every byte arrives, every pair is
+// added (or rarely declined), and all sockets leave the map when they close.
+func TestThousandsOfConnectionsAtOnce(t *testing.T) {
+	const conns = 2000
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 16 << 10, Seed: 9, Connections: conns}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if c := e.Status().Counters; c.SocketsAdded+c.PairsDeclined != 2*conns || c.PairsDeclined > conns/50 {
+		t.Errorf("%d connections: %+v; want each pair added or (rarely) declined", conns, c)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for e.Status().Sockets != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sockets still in the map after every connection closed", e.Status().Sockets)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -244,7 +267,7 @@ func TestUpDownLifecycle(t *testing.T) {
 	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("pin directory still there after down: %v", err)
 	}
-	waitDetached(t, e)
+	waitDetached(t, e, false)
 	wasUp, err = datapath.Down(datapath.DownOptions{PinDir: e.PinDir})
 	if err != nil || wasUp {
 		t.Errorf("second down: %v (was up: %v), want nothing to do", err, wasUp)

@@ -119,12 +119,17 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 func TestUpRecoversFromInterruptedDown(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
-	if err := os.Remove(filepath.Join(e.PinDir, "link_sockops")); err != nil { // what a killed down leaves
+	// What a down killed between its two unpins leaves: the setsockopt
+	// link, which the next up takes over.
+	if err := os.Remove(filepath.Join(e.PinDir, "link_sockops")); err != nil {
 		t.Fatal(err)
 	}
-	waitDetached(t, e)
+	waitDetached(t, e, true)
 	if res := e.Up(datapath.Config{}); res != datapath.Attached {
 		t.Fatalf("up after an interrupted down: %s, want %s", res, datapath.Attached)
+	}
+	if sockops, setsockopt := e.AttachedSockOps(), e.AttachedSetsockopt(); len(sockops) != 1 || len(setsockopt) != 1 {
+		t.Errorf("attached after recovery: sock_ops %v, setsockopt %v; want one each", sockops, setsockopt)
 	}
 	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 13}
 	var res harness.TransferResult
@@ -193,12 +198,13 @@ func TestLargeTransfer(t *testing.T) {
 	}
 }
 
-// waitDetached waits for the kernel to release a link whose last reference
-// went: it may do so a moment later.
-func waitDetached(t *testing.T, e *harness.Env) {
+// waitDetached waits for the kernel to release links whose last reference
+// went (it may do so a moment later): the sock_ops one and, unless
+// keepSetsockopt, the setsockopt one.
+func waitDetached(t *testing.T, e *harness.Env, keepSetsockopt bool) {
 	t.Helper()
 	for range 50 {
-		if len(e.AttachedSockOps()) == 0 && len(e.AttachedSetsockopt()) == 0 {
+		if len(e.AttachedSockOps()) == 0 && (keepSetsockopt || len(e.AttachedSetsockopt()) == 0) {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
