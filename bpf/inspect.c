@@ -1,19 +1,50 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* iter/tcp program: reports each of sockredir's sockets in the iterating
- * namespace (those with a sock_states entry) and whether redirected bytes are
- * still waiting for its application to read them. Removing a socket from
+ * namespace (those with a sock_states entry) and how many redirected bytes
+ * are still waiting for its application to read them. Removing a socket from
  * sock_hash frees that queue, so `sockredir down` only removes sockets whose
  * queue is empty. (iter/sockmap would walk the map directly, but some kernels
- * refuse it.) */
+ * refuse it.)
+ *
+ * With max_backlog set it also applies backpressure: tcp_bpf queues
+ * redirected bytes without limit, so a socket with more than max_backlog
+ * waiting refuses redirected bytes (refuse_inbound), and its peer goes on
+ * over TCP, whose receive window holds it back. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>
 
+/* Set by the loader; 0 only reports. */
+const volatile __u64 max_backlog = 0;
+
 struct socket_report {
 	struct sock_key key;
-	__u32 unread; /* 1 if redirected bytes are still queued */
-	__u32 pad;
+	__u64 unread; /* redirected bytes still queued (a lower bound on 6.1) */
 };
+
+/* Kernels without msg_tot_len (6.1) get the queue walked, this far. */
+#define MAX_WALK 64
+
+/* At least 1 whenever a message is queued: `down` relies on that. */
+static __always_inline __u64 queued_bytes(struct sk_psock *psock)
+{
+	struct list_head *head = &psock->ingress_msg;
+	struct list_head *node = BPF_CORE_READ(psock, ingress_msg.next);
+	__u64 bytes = 0;
+
+	if (!node || node == head)
+		return 0;
+	if (bpf_core_field_exists(psock->msg_tot_len))
+		bytes = BPF_CORE_READ(psock, msg_tot_len);
+	else
+		for (int i = 0; i < MAX_WALK && node && node != head; i++) {
+			struct sk_msg *msg = (void *)node - bpf_core_field_offset(struct sk_msg, list);
+
+			bytes += BPF_CORE_READ(msg, sg.size);
+			node = BPF_CORE_READ(node, next);
+		}
+	return bytes ? bytes : 1;
+}
 
 SEC("iter/tcp")
 int sockredir_inspect(struct bpf_iter__tcp *ctx)
@@ -23,7 +54,6 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	struct sock_common *skc = ctx->sk_common;
 	struct tcp_sock *tp;
 	struct sk_psock *psock;
-	struct list_head *first = 0;
 	void *user_data;
 
 	if (!skc)
@@ -37,10 +67,10 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	mirror_key(&st->peer, &r.key);
 	user_data = BPF_CORE_READ((struct sock *)tp, sk_user_data);
 	psock = (void *)((unsigned long)user_data & SK_USER_DATA_PTRMASK);
-	if (psock) {
-		bpf_probe_read_kernel(&first, sizeof(first), &psock->ingress_msg.next);
-		r.unread = first != &psock->ingress_msg;
-	}
+	if (psock)
+		r.unread = queued_bytes(psock);
+	if (max_backlog && r.unread > max_backlog)
+		refuse_inbound(st, REFUSED_BACKLOG);
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }

@@ -49,9 +49,21 @@ struct list_head {
 	struct list_head *next, *prev;
 };
 
-/* A socket's sockmap state; ingress_msg holds redirected bytes not read yet. */
+/* A socket's sockmap state; ingress_msg holds redirected bytes not read yet,
+ * msg_tot_len (kernels with 929e30f93125) their number. */
 struct sk_psock {
 	struct list_head ingress_msg;
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+struct sk_msg_sg {
+	__u32 size;
+} __attribute__((preserve_access_index));
+
+/* One redirected message, queued on ingress_msg by its list member. */
+struct sk_msg {
+	struct sk_msg_sg sg;
+	struct list_head list;
 } __attribute__((preserve_access_index));
 
 /* The low bits of sk_user_data are flags (SK_USER_DATA_NOCOPY, _BPF, _PSOCK). */

@@ -66,6 +66,7 @@ struct sock_state {
 enum refusal {
 	REFUSED_RCVLOWAT = 1, /* it set SO_RCVLOWAT: tcp_bpf ignores it */
 	REFUSED_FIONREAD = 2, /* it asked FIONREAD, on a kernel whose tcp_bpf can't answer */
+	REFUSED_BACKLOG = 3,  /* its application fell behind (see inspect.c) */
 };
 
 /* Indexes into the counters map; pkg/datapath names them. */
@@ -275,8 +276,9 @@ static __always_inline __u32 *get_refusal_gen(void)
 }
 
 /* Makes the socket with state st take its bytes over TCP from now on. A
- * server socket also marks its port, so that the service's next connections
- * refuse at once, before a byte is redirected. */
+ * server socket that reads in a way tcp_bpf gets wrong also marks its port,
+ * so that the service's next connections refuse at once, before a byte is
+ * redirected; a backlog is only this connection's. */
 static __always_inline void refuse_inbound(struct sock_state *st, __u32 why)
 {
 	struct sock_key own;
@@ -286,7 +288,7 @@ static __always_inline void refuse_inbound(struct sock_state *st, __u32 why)
 	if (bpf_map_lookup_elem(&refusals, &own))
 		return;
 	bpf_map_update_elem(&refusals, &own, &why, BPF_ANY);
-	if (st->flags & SOCK_PASSIVE) {
+	if ((st->flags & SOCK_PASSIVE) && why != REFUSED_BACKLOG) {
 		struct port_key port = { .netns = own.netns, .port = own.local_port };
 
 		bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);

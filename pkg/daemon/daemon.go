@@ -1,5 +1,6 @@
 // Package daemon is `sockredir daemon`: it brings the datapath up, keeps its
 // local addresses current as addresses and network namespaces come and go,
+// holds back connections whose readers fall behind (datapath.BacklogLimiter),
 // serves Prometheus metrics, reloads on request, and on exit leaves the
 // datapath pinned unless told to take it down.
 package daemon
@@ -43,11 +44,22 @@ type Options struct {
 	DownOnExit bool
 	// DrainTimeout is DownOnExit's datapath.DownOptions.DrainTimeout.
 	DrainTimeout time.Duration
+	// MaxBacklog is how many redirected bytes a socket may have waiting
+	// before its connection goes on over TCP; 0 means
+	// datapath.MaxTCPReceiveBuffer.
+	MaxBacklog uint64
+	// BacklogInterval is how often backlogs are checked; 0 means
+	// DefaultBacklogInterval.
+	BacklogInterval time.Duration
 	// Reload makes the daemon reload for each value received (SIGHUP).
 	Reload <-chan os.Signal
 	// Log receives everything the daemon does; nil means no logging.
 	Log *zap.Logger
 }
+
+// DefaultBacklogInterval is how often the daemon checks backlogs unless told
+// otherwise: what a fast sender redirects in this time adds to MaxBacklog.
+const DefaultBacklogInterval = 20 * time.Millisecond
 
 type daemon struct {
 	opts    Options
@@ -79,6 +91,11 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	d.tracker = localaddr.NewTracker(d.cgroup, opts.Rescan, d.setLocalAddrs, d.log)
+	limiter, err := datapath.NewBacklogLimiter(d.pinDir, opts.MaxBacklog)
+	if err != nil {
+		return fmt.Errorf("preparing the backlog limit: %w", err)
+	}
+	defer limiter.Close()
 
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
@@ -99,7 +116,9 @@ func Run(ctx context.Context, opts Options) error {
 			stop(err)
 		}
 	})
-	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir))
+	wg.Go(func() { d.limitBacklogs(ctx, limiter) })
+	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir),
+		zap.Uint64("max_backlog", limiter.MaxBacklog))
 
 	for ctx.Err() == nil {
 		select {
@@ -113,6 +132,31 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	return d.exit()
+}
+
+// limitBacklogs checks backlogs until ctx is done. A failed check is logged
+// and retried: the datapath keeps running meanwhile.
+func (d *daemon) limitBacklogs(ctx context.Context, limiter *datapath.BacklogLimiter) {
+	interval := d.opts.BacklogInterval
+	if interval == 0 {
+		interval = DefaultBacklogInterval
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		over, err := limiter.Check()
+		switch {
+		case err != nil:
+			d.log.Warn("checking backlogs", zap.Error(err))
+		case over > 0:
+			d.log.Debug("connections back on TCP: their readers fell behind", zap.Int("sockets", over))
+		}
+	}
 }
 
 // config is Base with the config file applied.

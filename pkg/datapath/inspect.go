@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -18,8 +19,7 @@ import (
 // reports it: struct socket_report in bpf/inspect.c.
 type socketReport struct {
 	Key    sockopsSockKey
-	Unread uint32 // 1 if redirected bytes are still queued
-	_      uint32
+	Unread uint64 // redirected bytes still queued; at least 1 if any
 }
 
 // inspectSockets reports on sockredir's sockets in every network namespace
@@ -30,37 +30,76 @@ type socketReport struct {
 // application may still have redirected bytes to read: callers must treat
 // an unreported socket as possibly holding data.
 func inspectSockets(maps map[string]*ebpf.Map, cgroup string) (map[sockopsSockKey]socketReport, error) {
-	spec, err := loadInspect()
+	in, err := newInspector(maps, 0)
 	if err != nil {
 		return nil, err
 	}
-	var objs inspectObjects
-	if err := loadWithMaps(spec, &objs, maps); err != nil {
-		return nil, fmt.Errorf("loading the socket inspector: %w", verifierError(err))
-	}
-	defer objs.Close()
-	it, err := link.AttachIter(link.IterOptions{Program: objs.SockredirInspect})
-	if err != nil {
-		return nil, fmt.Errorf("attaching the socket inspector: %w", err)
-	}
-	defer it.Close()
-
+	defer in.Close()
 	namespaces, err := localaddr.CgroupNamespaces(cgroup)
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		for _, ns := range namespaces {
-			ns.Close()
-		}
-	}()
+	defer closeNamespaces(namespaces)
+	return in.inspect(namespaces)
+}
+
+// inspector is the loaded iter/tcp program of bpf/inspect.c.
+type inspector struct {
+	objs inspectObjects
+	iter *link.Iter
+}
+
+// newInspector loads the inspector. A maxBacklog above 0 also makes each
+// socket with more redirected bytes waiting than that refuse redirected
+// bytes whenever it runs.
+func newInspector(maps map[string]*ebpf.Map, maxBacklog uint64) (*inspector, error) {
+	spec, err := loadInspect()
+	if err != nil {
+		return nil, err
+	}
+	if err := spec.Variables["max_backlog"].Set(maxBacklog); err != nil {
+		return nil, fmt.Errorf("setting the backlog limit: %w", err)
+	}
+	in := &inspector{}
+	if err := loadWithMaps(spec, &in.objs, maps); err != nil {
+		return nil, fmt.Errorf("loading the socket inspector: %w", verifierError(err))
+	}
+	if in.iter, err = link.AttachIter(link.IterOptions{Program: in.objs.SockredirInspect}); err != nil {
+		in.objs.Close()
+		return nil, fmt.Errorf("attaching the socket inspector: %w", err)
+	}
+	return in, nil
+}
+
+// inspect runs the inspector in each of the namespaces.
+func (in *inspector) inspect(namespaces []netns.NsHandle) (map[sockopsSockKey]socketReport, error) {
+	own, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("opening this process's network namespace: %w", err)
+	}
+	defer own.Close()
 	reports := make(map[sockopsSockKey]socketReport)
 	for _, ns := range namespaces {
-		if err := readIterIn(ns, it, reports); err != nil {
+		if ns.Equal(own) {
+			err = readIter(in.iter, reports)
+		} else {
+			err = readIterIn(ns, in.iter, reports)
+		}
+		if err != nil {
 			return nil, err
 		}
 	}
 	return reports, nil
+}
+
+func (in *inspector) Close() error {
+	return errors.Join(in.iter.Close(), in.objs.Close())
+}
+
+func closeNamespaces(namespaces []netns.NsHandle) {
+	for _, ns := range namespaces {
+		ns.Close()
+	}
 }
 
 // readIterIn reads the iterator opened in network namespace ns. It runs on a
@@ -74,25 +113,28 @@ func readIterIn(ns netns.NsHandle, it *link.Iter, into map[sockopsSockKey]socket
 			done <- fmt.Errorf("entering a network namespace: %w", err)
 			return
 		}
-		rd, err := it.Open()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer rd.Close()
-		for {
-			var r socketReport
-			err := binary.Read(rd, binary.NativeEndian, &r)
-			if errors.Is(err, io.EOF) {
-				done <- nil
-				return
-			}
-			if err != nil {
-				done <- fmt.Errorf("reading the socket inspector: %w", err)
-				return
-			}
-			into[r.Key] = r
-		}
+		done <- readIter(it, into)
 	}()
 	return <-done
+}
+
+// readIter reads the iterator in the calling thread's network namespace.
+func readIter(it *link.Iter, into map[sockopsSockKey]socketReport) error {
+	rd, err := it.Open()
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	buffered := bufio.NewReaderSize(rd, 64<<10) // one read(2) for many sockets
+	for {
+		var r socketReport
+		err := binary.Read(buffered, binary.NativeEndian, &r)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("reading the socket inspector: %w", err)
+		}
+		into[r.Key] = r
+	}
 }

@@ -64,6 +64,7 @@ const (
 	inspectMapSockHash          = "sock_hash"
 	inspectMapSockStates        = "sock_states"
 	inspectProgSockredirInspect = "sockredir_inspect"
+	inspectVarMaxBacklog        = "max_backlog"
 )
 
 // loadInspect returns the embedded CollectionSpec for inspect.
@@ -130,6 +131,7 @@ type inspectMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type inspectVariableSpecs struct {
+	MaxBacklog *ebpf.VariableSpec `ebpf:"max_backlog"`
 }
 
 // inspectObjects contains all objects after they have been loaded into the kernel.
@@ -181,6 +183,7 @@ func (m *inspectMaps) Close() error {
 //
 // It can be passed to loadInspectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type inspectVariables struct {
+	MaxBacklog *ebpf.Variable `ebpf:"max_backlog"`
 }
 
 // inspectPrograms contains all programs after they have been loaded into the kernel.
