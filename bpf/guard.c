@@ -62,7 +62,7 @@ int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
 /* The FIONREAD guard, attached only on kernels whose tcp_bpf has no ioctl
  * (6.1): there FIONREAD counts only what came over TCP. A socket that asks
  * takes its bytes over TCP from then on, and its server port's next
- * connections from the start (refuse_inbound); bytes redirected before the
+ * connections from the start (refuse); bytes redirected before the
  * first FIONREAD are not counted by that call. */
 #define SIOCINQ 0x541B /* FIONREAD */
 
@@ -83,7 +83,7 @@ int BPF_PROG(sockredir_fionread_guard, struct file *file, unsigned int cmd, unsi
 		return 0;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (st)
-		refuse_inbound(st, REFUSED_FIONREAD);
+		refuse(st, REFUSED_FIONREAD);
 	return 0;
 }
 

@@ -1,15 +1,15 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* iter/tcp program: reports each of sockredir's sockets in the iterating
- * namespace (those with a sock_states entry) and how many redirected bytes
- * are still waiting for its application to read them. Removing a socket from
- * sock_hash frees that queue, so `sockredir down` only removes sockets whose
- * queue is empty. (iter/sockmap would walk the map directly, but some kernels
- * refuse it.)
+ * namespace (those in sock_hash, found by their sock_states entry): how many
+ * redirected bytes are still waiting for its application to read them, and
+ * how it sends. Removing a socket from sock_hash frees that queue, so
+ * `sockredir down` and the daemon only remove sockets whose queue is empty.
+ * (iter/sockmap would walk the map directly, but some kernels refuse it.)
  *
  * With max_backlog set it also applies backpressure: tcp_bpf queues
- * redirected bytes without limit, so a socket with more than max_backlog
- * waiting refuses redirected bytes (refuse_inbound), and its peer goes on
- * over TCP, whose receive window holds it back. */
+ * redirected bytes without limit, so the connection of a socket with more
+ * than max_backlog waiting goes back to TCP (refuse), whose receive window
+ * holds the sender back. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>
@@ -20,6 +20,8 @@ const volatile __u64 max_backlog = 0;
 struct socket_report {
 	struct sock_key key;
 	__u64 unread; /* redirected bytes still queued (a lower bound on 6.1) */
+	__u32 mode;   /* enum redirect_mode */
+	__u32 pad;
 };
 
 /* Kernels without msg_tot_len (6.1) get the queue walked, this far. */
@@ -64,13 +66,15 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	st = bpf_sk_storage_get(&sock_states, tp, 0, 0);
 	if (!st)
 		return 0;
-	mirror_key(&st->peer, &r.key);
 	user_data = BPF_CORE_READ((struct sock *)tp, sk_user_data);
 	psock = (void *)((unsigned long)user_data & SK_USER_DATA_PTRMASK);
-	if (psock)
-		r.unread = queued_bytes(psock);
+	if (!psock)
+		return 0; /* no longer in sock_hash */
+	mirror_key(&st->peer, &r.key);
+	r.unread = queued_bytes(psock);
 	if (max_backlog && r.unread > max_backlog)
-		refuse_inbound(st, REFUSED_BACKLOG);
+		refuse(st, REFUSED_BACKLOG);
+	r.mode = st->mode;
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }

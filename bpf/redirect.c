@@ -29,7 +29,7 @@ static __always_inline void decline(struct sock_state *st)
 	count(COUNTER_PAIRS_DECLINED, 1);
 }
 
-/* Whether the peer has refused redirected bytes (see refuse_inbound). Looks
+/* Whether the peer has refused redirected bytes (see refuse). Looks
  * only when some socket refused since this one last looked. */
 static __always_inline int peer_refuses(struct sock_state *st)
 {

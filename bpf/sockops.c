@@ -239,7 +239,7 @@ static __always_inline void tune(struct bpf_sock_ops *skops, struct settings *s)
 
 /* Whether a socket reads in a way that tcp_bpf gets wrong from the start: it
  * set SO_RCVLOWAT before it was connected, or its server port refused before
- * (refuse_inbound). Such a connection stays on TCP, both of its sockets out
+ * (refuse). Such a connection stays on TCP, both of its sockets out
  * of sock_hash. */
 static __always_inline int refuses_from_start(struct bpf_sock *sk, struct sock_key *k, int passive)
 {

@@ -2,10 +2,9 @@
 /* cgroup/setsockopt program: notices a socket asking for SO_RCVLOWAT.
  *
  * tcp_bpf reports a socket readable as soon as any redirected byte waits,
- * whatever its SO_RCVLOWAT, so a socket that sets it takes its bytes over TCP
- * from then on (refuse_inbound). Sockets that set it before they connected,
- * or inherited it from their listener, refuse when they are paired
- * (sockops.c). The option itself always goes through unchanged. */
+ * whatever its SO_RCVLOWAT, so the connection of a socket that sets it goes
+ * back to TCP (refuse). A socket that set it before it connected is never
+ * paired (sockops.c). The option itself always goes through unchanged. */
 #include "sockredir.h"
 
 #define SOL_SOCKET 1
@@ -23,7 +22,7 @@ int sockredir_setsockopt(struct bpf_sockopt *ctx)
 	    (void *)(lowat + 1) <= ctx->optval_end && *lowat > 1) {
 		st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 		if (st)
-			refuse_inbound(st, REFUSED_RCVLOWAT);
+			refuse(st, REFUSED_RCVLOWAT);
 	}
 	/* Options longer than a page reach the program cut short; optlen 0
 	 * tells the kernel to use the application's own buffer. */

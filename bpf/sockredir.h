@@ -201,11 +201,12 @@ struct {
 	__type(value, struct settings);
 } settings SEC(".maps");
 
-/* Sockets that take their bytes over TCP only, by their own key, and why.
- * A socket refuses when it starts to read in a way that tcp_bpf gets wrong;
- * its peer then sends over TCP from its next message on. That is safe at any
- * point: the receiver reads what was redirected before what comes over TCP.
- * LRU: keys name one connection each, so stale entries only take space. */
+/* Sockets that refused redirected bytes, by their own key, and why. A
+ * socket refuses when it starts to read in a way that tcp_bpf gets wrong, or
+ * falls behind; its peer then sends over TCP from its next message on. That
+ * is safe at any point: the receiver reads what was redirected before what
+ * comes over TCP. LRU: keys name one connection each, so stale entries only
+ * take space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -230,7 +231,7 @@ struct port_key {
 };
 
 /* Server ports whose sockets refused before, and why: their next
- * connections refuse from the start (see refuse_inbound). */
+ * connections stay on TCP from the start (see refuse). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 1024);
@@ -275,15 +276,19 @@ static __always_inline __u32 *get_refusal_gen(void)
 	return bpf_map_lookup_elem(&refusal_gen, &key);
 }
 
-/* Makes the socket with state st take its bytes over TCP from now on. A
- * server socket that reads in a way tcp_bpf gets wrong also marks its port,
- * so that the service's next connections refuse at once, before a byte is
- * redirected; a backlog is only this connection's. */
-static __always_inline void refuse_inbound(struct sock_state *st, __u32 why)
+/* Puts the connection of the socket with state st back on TCP, both ways:
+ * its peer sends over TCP from its next message on (it finds the refusal),
+ * and so does this socket. Once both queues are read, `sockredir daemon`
+ * takes the two sockets out of sock_hash (datapath.Maintainer), and they are
+ * plain TCP sockets again. A server socket that reads in a way tcp_bpf gets
+ * wrong also marks its port, so that the service's next connections stay on
+ * TCP from the start; a backlog is only this connection's. */
+static __always_inline void refuse(struct sock_state *st, __u32 why)
 {
 	struct sock_key own;
 	__u32 *gen;
 
+	st->mode = MODE_PASS;
 	mirror_key(&st->peer, &own);
 	if (bpf_map_lookup_elem(&refusals, &own))
 		return;

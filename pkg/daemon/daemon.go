@@ -1,6 +1,7 @@
 // Package daemon is `sockredir daemon`: it brings the datapath up, keeps its
 // local addresses current as addresses and network namespaces come and go,
-// holds back connections whose readers fall behind (datapath.BacklogLimiter),
+// puts connections whose readers fall behind back on TCP and hands settled
+// ones back to plain TCP (datapath.Maintainer),
 // serves Prometheus metrics, reloads on request, and on exit leaves the
 // datapath pinned unless told to take it down.
 package daemon
@@ -48,18 +49,19 @@ type Options struct {
 	// before its connection goes on over TCP; 0 means
 	// datapath.MaxTCPReceiveBuffer.
 	MaxBacklog uint64
-	// BacklogInterval is how often backlogs are checked; 0 means
-	// DefaultBacklogInterval.
-	BacklogInterval time.Duration
+	// CheckInterval is how often the accelerated sockets are checked
+	// (backlogs, connections back on TCP); 0 means DefaultCheckInterval.
+	CheckInterval time.Duration
 	// Reload makes the daemon reload for each value received (SIGHUP).
 	Reload <-chan os.Signal
 	// Log receives everything the daemon does; nil means no logging.
 	Log *zap.Logger
 }
 
-// DefaultBacklogInterval is how often the daemon checks backlogs unless told
-// otherwise: what a fast sender redirects in this time adds to MaxBacklog.
-const DefaultBacklogInterval = 20 * time.Millisecond
+// DefaultCheckInterval is how often the daemon checks the accelerated
+// sockets unless told otherwise: what a fast sender redirects in this time
+// adds to MaxBacklog.
+const DefaultCheckInterval = 20 * time.Millisecond
 
 type daemon struct {
 	opts    Options
@@ -91,11 +93,11 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	d.tracker = localaddr.NewTracker(d.cgroup, opts.Rescan, d.setLocalAddrs, d.log)
-	limiter, err := datapath.NewBacklogLimiter(d.pinDir, opts.MaxBacklog)
+	maintainer, err := datapath.NewMaintainer(d.pinDir, opts.MaxBacklog)
 	if err != nil {
-		return fmt.Errorf("preparing the backlog limit: %w", err)
+		return fmt.Errorf("preparing the datapath's upkeep: %w", err)
 	}
-	defer limiter.Close()
+	defer maintainer.Close()
 
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
@@ -116,9 +118,9 @@ func Run(ctx context.Context, opts Options) error {
 			stop(err)
 		}
 	})
-	wg.Go(func() { d.limitBacklogs(ctx, limiter) })
+	wg.Go(func() { d.maintain(ctx, maintainer) })
 	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir),
-		zap.Uint64("max_backlog", limiter.MaxBacklog))
+		zap.Uint64("max_backlog", maintainer.MaxBacklog))
 
 	for ctx.Err() == nil {
 		select {
@@ -134,12 +136,12 @@ func Run(ctx context.Context, opts Options) error {
 	return d.exit()
 }
 
-// limitBacklogs checks backlogs until ctx is done. A failed check is logged
+// maintain runs the maintainer until ctx is done. A failed check is logged
 // and retried: the datapath keeps running meanwhile.
-func (d *daemon) limitBacklogs(ctx context.Context, limiter *datapath.BacklogLimiter) {
-	interval := d.opts.BacklogInterval
+func (d *daemon) maintain(ctx context.Context, maintainer *datapath.Maintainer) {
+	interval := d.opts.CheckInterval
 	if interval == 0 {
-		interval = DefaultBacklogInterval
+		interval = DefaultCheckInterval
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -149,12 +151,13 @@ func (d *daemon) limitBacklogs(ctx context.Context, limiter *datapath.BacklogLim
 			return
 		case <-tick.C:
 		}
-		over, err := limiter.Check()
+		res, err := maintainer.Check()
 		switch {
 		case err != nil:
-			d.log.Warn("checking backlogs", zap.Error(err))
-		case over > 0:
-			d.log.Debug("connections back on TCP: their readers fell behind", zap.Int("sockets", over))
+			d.log.Warn("checking the datapath's sockets", zap.Error(err))
+		case res.OverBacklog > 0 || res.Released > 0:
+			d.log.Debug("checked the datapath's sockets", zap.Int("over_backlog", res.OverBacklog),
+				zap.Int("released", res.Released))
 		}
 	}
 }

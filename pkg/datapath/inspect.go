@@ -20,6 +20,8 @@ import (
 type socketReport struct {
 	Key    sockopsSockKey
 	Unread uint64 // redirected bytes still queued; at least 1 if any
+	Mode   uint32 // how the socket sends: enum redirect_mode
+	_      uint32
 }
 
 // inspectSockets reports on sockredir's sockets in every network namespace

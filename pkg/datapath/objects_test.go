@@ -30,7 +30,7 @@ func TestLayoutsMatchBPF(t *testing.T) {
 	if got, slots := len(c.counterFields()), int(spec.Maps["counters"].MaxEntries); got > slots {
 		t.Errorf("Counters has %d fields, the BPF counters map only %d entries", got, slots)
 	}
-	if got, want := binary.Size(socketReport{}), binary.Size(sockopsSockKey{})+8; got != want {
+	if got, want := binary.Size(socketReport{}), binary.Size(sockopsSockKey{})+16; got != want {
 		t.Errorf("socketReport is %d bytes, want %d (struct socket_report)", got, want)
 	}
 }

@@ -58,6 +58,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"rcvlowat-after-data":        rcvlowat(afterData),
 	"abortive-close":             withPair(abortiveClose),
 	"epoll-level-rdhup":          withPair(epollLevelRDHUP),
+	"rcvlowat-then-fionread":     withPair(rcvlowatThenFIONREAD),
 	"connect-time":               connectTime,
 	"tcp-options":                tcpOptions,
 }
@@ -353,9 +354,14 @@ func fionreadOnce(bytes int64, client, server *net.TCPConn) (int64, error) {
 		return 0, err
 	}
 	time.Sleep(50 * time.Millisecond) // all of it arrived, on any path
+	return fionreadOf(server)
+}
+
+// fionreadOf asks how many bytes are waiting at c.
+func fionreadOf(c *net.TCPConn) (int64, error) {
 	var n int
 	var ierr error
-	if err := control(server, func(fd int) { n, ierr = unix.IoctlGetInt(fd, unix.SIOCINQ) }); err != nil {
+	if err := control(c, func(fd int) { n, ierr = unix.IoctlGetInt(fd, unix.SIOCINQ) }); err != nil {
 		return 0, err
 	}
 	return int64(n), ierr
@@ -491,6 +497,38 @@ func epollLevelRDHUP(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res.Received["receiver"] = Checked{Received{hex.EncodeToString(h.Sum(nil)), n}, 1, c.Bytes}
 	res.Values["eagain_after_epollin"] = spurious
 	res.Values["rdhup"] = rdhup
+	return res, nil
+}
+
+// rcvlowatThenFIONREAD puts a connection back on TCP halfway (the receiver
+// sets SO_RCVLOWAT), lets a while pass, then asks FIONREAD for bytes that
+// came over TCP, and reads everything.
+func rcvlowatThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	res := newResult()
+	if _, err := client.Write(make([]byte, 100)); err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(server, make([]byte, 100)); err != nil {
+		return nil, err
+	}
+	var lowatErr error
+	if err := control(server, func(fd int) {
+		lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes))
+	}); err != nil || lowatErr != nil {
+		return nil, errors.Join(err, lowatErr)
+	}
+	if _, err := client.Write(make([]byte, c.Bytes)); err != nil {
+		return nil, err
+	}
+	time.Sleep(500 * time.Millisecond) // for the daemon, if one runs
+	n, err := fionreadOf(server)
+	if err != nil {
+		res.Errors["ioctl"] = err.Error()
+	}
+	res.Values["fionread"] = n
+	if _, err := io.ReadFull(server, make([]byte, c.Bytes)); err != nil {
+		res.Errors["read"] = err.Error()
+	}
 	return res, nil
 }
 

@@ -1,0 +1,192 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netns"
+
+	"github.com/sockredir/sockredir/pkg/localaddr"
+)
+
+// settleTime is how long a pair must look settled before it is released: a
+// redirect decided before the switch to TCP may still be on its way (the
+// kernel drops the sender's lock while it delivers), and releasing its
+// receiver under it would fail that write.
+const settleTime = 100 * time.Millisecond
+
+// namespaceRefresh is how often a Maintainer looks for network namespaces
+// that came or went in the cgroup.
+const namespaceRefresh = time.Second
+
+// modePass is MODE_PASS of enum redirect_mode (bpf/sockredir.h).
+const modePass = 2
+
+// A Maintainer does what a running datapath needs done from outside the
+// kernel, over and over (`sockredir daemon` runs it every 20 ms):
+//
+//   - Backpressure. tcp_bpf queues redirected bytes at the receiver without
+//     limit: a reader that falls behind would let them pile up until the
+//     host runs out of TCP memory, and the sender would then get ENOMEM. A
+//     socket with more than MaxBacklog redirected bytes waiting puts its
+//     connection back on TCP, whose receive window holds the sender back;
+//     the reader gets the redirected bytes first, so nothing is reordered.
+//     The bound holds at each check: what arrives in between adds to it.
+//   - Release. A connection that went back to TCP both ways (a refusal, a
+//     declined pair) still pays tcp_bpf's costs, and tcp_bpf answers
+//     FIONREAD wrongly for TCP bytes on some kernels. Once both of its
+//     sockets have sent over TCP only and have nothing redirected left to
+//     read, for at least settleTime, they leave sock_hash and are plain TCP
+//     sockets again.
+//
+// It is not safe for concurrent use.
+type Maintainer struct {
+	// MaxBacklog is the most redirected bytes a socket may have waiting.
+	MaxBacklog uint64
+
+	cgroup     string
+	maps       map[string]*ebpf.Map
+	inspector  *inspector
+	namespaces []netns.NsHandle
+	listed     time.Time
+	settled    map[sockopsSockKey]time.Time // pairs by the lower key, since first seen settled
+}
+
+// CheckResult is what one Check did.
+type CheckResult struct {
+	OverBacklog int // sockets over MaxBacklog: their connections went back to TCP
+	Released    int // sockets taken out of sock_hash, back to plain TCP
+}
+
+// NewMaintainer prepares checks of the datapath pinned in pinDir
+// (DefaultPinDir if empty); maxBacklog 0 means MaxTCPReceiveBuffer.
+func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
+	if pinDir == "" {
+		pinDir = DefaultPinDir
+	}
+	if maxBacklog == 0 {
+		var err error
+		if maxBacklog, err = MaxTCPReceiveBuffer(); err != nil {
+			return nil, err
+		}
+	}
+	p := pins(pinDir)
+	meta, err := p.meta()
+	if err != nil {
+		return nil, err
+	}
+	if meta == nil {
+		return nil, fmt.Errorf("nothing is up in %s", pinDir)
+	}
+	if err := meta.checkABI(pinDir); err != nil {
+		return nil, err
+	}
+	maps, err := p.loadMaps()
+	if err != nil {
+		return nil, err
+	}
+	in, err := newInspector(maps, maxBacklog)
+	if err != nil {
+		closeMaps(maps)
+		return nil, err
+	}
+	return &Maintainer{MaxBacklog: maxBacklog, cgroup: meta.cgroup(), maps: maps, inspector: in,
+		settled: map[sockopsSockKey]time.Time{}}, nil
+}
+
+// Check runs once over the cgroup's sockets.
+func (m *Maintainer) Check() (CheckResult, error) {
+	var res CheckResult
+	if time.Since(m.listed) > namespaceRefresh {
+		namespaces, err := localaddr.CgroupNamespaces(m.cgroup)
+		if err != nil {
+			return res, err
+		}
+		closeNamespaces(m.namespaces)
+		m.namespaces, m.listed = namespaces, time.Now()
+	}
+	reports, err := m.inspector.inspect(m.namespaces)
+	if err != nil {
+		return res, err
+	}
+	now := time.Now()
+	settledNow := map[sockopsSockKey]time.Time{}
+	for key, r := range reports {
+		if r.Unread > m.MaxBacklog {
+			res.OverBacklog++
+		}
+		var peerKey sockopsSockKey
+		mirrorKey(&key, &peerKey)
+		peer, ok := reports[peerKey]
+		if !ok || !keyLess(key, peerKey) || !settledPair(r, peer) {
+			continue
+		}
+		since, seen := m.settled[key]
+		if !seen {
+			since = now
+		}
+		if now.Sub(since) < settleTime {
+			settledNow[key] = since
+			continue
+		}
+		for _, k := range []sockopsSockKey{key, peerKey} {
+			if err := m.maps["sock_hash"].Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return res, fmt.Errorf("releasing a socket from the map: %w", err)
+			}
+			res.Released++
+		}
+	}
+	m.settled = settledNow
+	return res, nil
+}
+
+// settledPair reports whether nothing will be redirected between a and b
+// again, and nothing redirected is left to read.
+func settledPair(a, b socketReport) bool {
+	return a.Mode == modePass && b.Mode == modePass && a.Unread == 0 && b.Unread == 0
+}
+
+func (m *Maintainer) Close() error {
+	closeNamespaces(m.namespaces)
+	closeMaps(m.maps)
+	return m.inspector.Close()
+}
+
+// MaxTCPReceiveBuffer is the largest receive buffer TCP gives a socket here
+// (the last field of net.ipv4.tcp_rmem): a backlog that size is one TCP
+// would allow too.
+func MaxTCPReceiveBuffer() (uint64, error) {
+	data, err := os.ReadFile("/proc/sys/net/ipv4/tcp_rmem")
+	if err != nil {
+		return 0, err
+	}
+	fields := strings.Fields(string(data))
+	if len(fields) != 3 {
+		return 0, errors.New("unexpected net.ipv4.tcp_rmem: " + string(data))
+	}
+	return strconv.ParseUint(fields[2], 10, 64)
+}
+
+// mirrorKey is the key of the other socket of k's connection, as
+// mirror_key in bpf/sockredir.h makes it.
+func mirrorKey(k, m *sockopsSockKey) {
+	*m = sockopsSockKey{
+		Netns: k.Netns, LocalIp: k.RemoteIp, RemoteIp: k.LocalIp,
+		LocalPort: k.RemotePort, RemotePort: k.LocalPort,
+		LocalSeq: k.RemoteSeq, RemoteSeq: k.LocalSeq, Family: k.Family,
+	}
+}
+
+// keyLess orders keys, so that each pair is handled once, by its lower key.
+func keyLess(a, b sockopsSockKey) bool {
+	ab, _ := binary.Append(nil, binary.NativeEndian, a)
+	bb, _ := binary.Append(nil, binary.NativeEndian, b)
+	return bytes.Compare(ab, bb) < 0
+}

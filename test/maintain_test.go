@@ -1,0 +1,89 @@
+package test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+// runMaintainer checks e's datapath every 10 ms, as `sockredir daemon` does,
+// until the returned function is called; that returns what the checks did.
+func runMaintainer(t *testing.T, e *harness.Env, maxBacklog uint64) (stop func() datapath.CheckResult) {
+	maintainer, err := datapath.NewMaintainer(e.PinDir, maxBacklog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	quit, stopped := make(chan struct{}), make(chan struct{})
+	var total datapath.CheckResult
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+			}
+			res, err := maintainer.Check()
+			if err != nil {
+				t.Errorf("checking the datapath: %v", err)
+				return
+			}
+			total.OverBacklog += res.OverBacklog
+			total.Released += res.Released
+		}
+	}()
+	return func() datapath.CheckResult {
+		close(quit)
+		<-stopped
+		maintainer.Close()
+		return total
+	}
+}
+
+// A reader that stops reading holds its sender back, as over plain TCP:
+// with the maintainer checking (as `sockredir daemon` does), the
+// connection goes on over TCP once the reader has more than the limit
+// waiting, and every byte still arrives, in order.
+func TestBacklogLimitHoldsSenderBack(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	bytes := 2 * transferBytes(t)
+	stop := runMaintainer(t, e, uint64(bytes/32))
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: bytes, Seed: 21, OneWay: true, ServerReadDelay: 2 * time.Second}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	stop()
+	tr.Check(t, &res)
+	c := e.Status().Counters
+	t.Logf("%d of %d bytes redirected before the reader refused", c.BytesRedirected, bytes)
+	if c.InboundRefused != 1 || c.BytesPassed == 0 || c.BytesRedirected >= uint64(bytes)/2 {
+		t.Errorf("want the reader to refuse once and most of the %d bytes to go over TCP; counters %+v", bytes, c)
+	}
+}
+
+// A connection that went back to TCP both ways leaves the map once its
+// queues are read, and is a plain TCP socket again: FIONREAD counts its TCP
+// bytes on every kernel (some count only redirected bytes while a socket is
+// in a sockhash).
+func TestSettledConnectionLeavesTheMap(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	stop := runMaintainer(t, e, 0)
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "rcvlowat-then-fionread", Bytes: 1000}}, &r)
+	res := stop()
+	for who, err := range r.Errors {
+		t.Errorf("%s: %s", who, err)
+	}
+	if r.Values["fionread"] != 1000 {
+		t.Errorf("FIONREAD after the connection went back to TCP: %d, want 1000", r.Values["fionread"])
+	}
+	if st := e.Status(); res.Released != 2 || st.Counters.InboundRefused != 1 || st.Sockets != 0 {
+		t.Errorf("released %d sockets, %d left in the map, counters %+v; want 2 released, none left, one refusal",
+			res.Released, st.Sockets, st.Counters)
+	}
+}
