@@ -30,7 +30,7 @@ const namespaceRefresh = time.Second
 const modePass = 2
 
 // A Maintainer does what a running datapath needs done from outside the
-// kernel, over and over (`sockredir daemon` runs it every 20 ms):
+// kernel, over and over (`sockredir daemon` runs it every 100 ms):
 //
 //   - Backpressure. tcp_bpf queues redirected bytes at the receiver without
 //     limit: a reader that falls behind would let them pile up until the
@@ -41,10 +41,10 @@ const modePass = 2
 //     The bound holds at each check: what arrives in between adds to it.
 //   - Release. A connection that went back to TCP both ways (a refusal, a
 //     declined pair) still pays tcp_bpf's costs, and tcp_bpf answers
-//     FIONREAD wrongly for TCP bytes on some kernels. Once both of its
-//     sockets have sent over TCP only and have nothing redirected left to
-//     read, for at least settleTime, they leave sock_hash and are plain TCP
-//     sockets again.
+//     FIONREAD wrongly for TCP bytes on some kernels. Once its sockets in
+//     sock_hash send over TCP only and have nothing redirected left to read,
+//     for at least settleTime, they leave sock_hash and are plain TCP sockets
+//     again.
 //
 // It is not safe for concurrent use.
 type Maintainer struct {
@@ -122,10 +122,11 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		if r.Unread > m.MaxBacklog {
 			res.OverBacklog++
 		}
-		var peerKey sockopsSockKey
-		mirrorKey(&key, &peerKey)
-		peer, ok := reports[peerKey]
-		if !ok || !keyLess(key, peerKey) || !settledPair(r, peer) {
+		release, err := m.settledWith(key, r, reports)
+		if err != nil {
+			return res, err
+		}
+		if len(release) == 0 {
 			continue
 		}
 		since, seen := m.settled[key]
@@ -136,7 +137,7 @@ func (m *Maintainer) Check() (CheckResult, error) {
 			settledNow[key] = since
 			continue
 		}
-		for _, k := range []sockopsSockKey{key, peerKey} {
+		for _, k := range release {
 			if err := m.maps["sock_hash"].Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return res, fmt.Errorf("releasing a socket from the map: %w", err)
 			}
@@ -147,10 +148,31 @@ func (m *Maintainer) Check() (CheckResult, error) {
 	return res, nil
 }
 
-// settledPair reports whether nothing will be redirected between a and b
-// again, and nothing redirected is left to read.
-func settledPair(a, b socketReport) bool {
-	return a.Mode == modePass && b.Mode == modePass && a.Unread == 0 && b.Unread == 0
+// settledWith returns the sockets to release with the one under key (its own
+// report r) if nothing will be redirected between it and its peer again and
+// nothing redirected is left to read: both, when the peer is in the map too
+// (then only when key is the lower of the two, so that each pair is handled
+// once), or this one alone, when its peer never made it into the map.
+func (m *Maintainer) settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) ([]sockopsSockKey, error) {
+	if r.Mode != modePass || r.Unread != 0 {
+		return nil, nil
+	}
+	var peerKey sockopsSockKey
+	mirrorKey(&key, &peerKey)
+	if peer, ok := reports[peerKey]; ok {
+		if peer.Mode != modePass || peer.Unread != 0 || !keyLess(key, peerKey) {
+			return nil, nil
+		}
+		return []sockopsSockKey{key, peerKey}, nil
+	}
+	var cookie uint64
+	switch err := m.maps["sock_hash"].Lookup(&peerKey, &cookie); {
+	case errors.Is(err, ebpf.ErrKeyNotExist):
+		return []sockopsSockKey{key}, nil
+	case err != nil:
+		return nil, fmt.Errorf("looking a socket up in the map: %w", err)
+	}
+	return nil, nil // the peer is in the map, in a namespace not inspected
 }
 
 func (m *Maintainer) Close() error {
