@@ -121,7 +121,7 @@ func Run(ctx context.Context, opts Options) error {
 	})
 	wg.Go(func() { d.maintain(ctx, maintainer) })
 	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir),
-		zap.Uint64("max_backlog", maintainer.MaxBacklog))
+		zap.Uint64("max_backlog", maintainer.MaxBacklog()))
 
 	for ctx.Err() == nil {
 		select {

@@ -35,7 +35,7 @@ const modePass = 2
 //   - Backpressure. tcp_bpf queues redirected bytes at the receiver without
 //     limit: a reader that falls behind would let them pile up until the
 //     host runs out of TCP memory, and the sender would then get ENOMEM. A
-//     socket with more than MaxBacklog redirected bytes waiting puts its
+//     socket with more than MaxBacklog() redirected bytes waiting puts its
 //     connection back on TCP, whose receive window holds the sender back;
 //     the reader gets the redirected bytes first, so nothing is reordered.
 //     The bound holds at each check: what arrives in between adds to it.
@@ -48,20 +48,21 @@ const modePass = 2
 //
 // It is not safe for concurrent use.
 type Maintainer struct {
-	// MaxBacklog is the most redirected bytes a socket may have waiting.
-	MaxBacklog uint64
-
+	maxBacklog uint64
 	cgroup     string
 	maps       map[string]*ebpf.Map
 	inspector  *inspector
 	namespaces []netns.NsHandle
 	listed     time.Time
-	settled    map[sockopsSockKey]time.Time // pairs by the lower key, since first seen settled
+	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
 }
+
+// MaxBacklog is the most redirected bytes a socket may have waiting.
+func (m *Maintainer) MaxBacklog() uint64 { return m.maxBacklog }
 
 // CheckResult is what one Check did.
 type CheckResult struct {
-	OverBacklog int // sockets over MaxBacklog: their connections went back to TCP
+	OverBacklog int // sockets over the backlog limit: their connections went back to TCP
 	Released    int // sockets taken out of sock_hash, back to plain TCP
 }
 
@@ -97,7 +98,7 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 		closeMaps(maps)
 		return nil, err
 	}
-	return &Maintainer{MaxBacklog: maxBacklog, cgroup: meta.cgroup(), maps: maps, inspector: in,
+	return &Maintainer{maxBacklog: maxBacklog, cgroup: meta.cgroup(), maps: maps, inspector: in,
 		settled: map[sockopsSockKey]time.Time{}}, nil
 }
 
@@ -119,7 +120,7 @@ func (m *Maintainer) Check() (CheckResult, error) {
 	now := time.Now()
 	settledNow := map[sockopsSockKey]time.Time{}
 	for key, r := range reports {
-		if r.Unread > m.MaxBacklog {
+		if r.Unread > m.maxBacklog {
 			res.OverBacklog++
 		}
 		release, err := m.settledWith(key, r, reports)
