@@ -26,7 +26,7 @@ func attachGuards(p pins, maps map[string]*ebpf.Map, log *zap.Logger) error {
 	}
 	var objs guardObjects
 	if err := loadWithMaps(spec, &objs, maps); err != nil {
-		log.Warn("the guards could not be loaded: splice(2) readers of accelerated sockets "+
+		log.Warn("this kernel refuses the BPF LSM guards: splice(2) readers of accelerated sockets "+
 			"are not protected (see docs/correctness.md)", zap.Error(verifierError(err)))
 		return nil
 	}

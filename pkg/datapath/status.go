@@ -198,7 +198,7 @@ func (s Status) WriteText(w io.Writer) error {
 	case !s.Kernel.FIONREADCountsRedirected:
 		fionread = "ignores redirected bytes on this kernel: applications that size reads with it may stall"
 	case !s.Kernel.FIONREADCountsTCP:
-		fionread = "ignores TCP bytes of sockets in the map on this kernel (sockredir inserts only paired sockets)"
+		fionread = "ignores TCP bytes of sockets in the map on this kernel (sockredir inserts only paired sockets, and the daemon releases connections that go back to TCP)"
 	}
 	if !s.Up && s.Cgroup == "" {
 		fmt.Fprintf(tw, "sockredir is not up (pin directory %s)\nFIONREAD:\t%s\n", s.PinDir, fionread)
@@ -224,7 +224,7 @@ func (s Status) WriteText(w io.Writer) error {
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
 		{"blocking clients left on TCP", fmt.Sprint(c.BlockingSkipped)},
 		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
-		{"sockets refusing redirected bytes", fmt.Sprint(c.InboundRefused)},
+		{"back on TCP for their reader", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog)", c.InboundRefused)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {
