@@ -346,15 +346,15 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;
 	mirror_key(&k, &client);
-	if (!take_pending(&client, PENDING_CLIENT) || !sk)
-		return;
-	if (refuses_from_start(sk, &k, 1)) {
-		/* The client is in already, with nothing redirected to it yet:
-		 * take it out again. */
+	/* Whenever this side stays out, the client, if it is in, leaves again:
+	 * alone in the map it would get its bytes over TCP through tcp_bpf,
+	 * which answers FIONREAD wrongly for them on some kernels. Nothing was
+	 * redirected to it, since this side was never in the map. Its pending
+	 * entry is gone either because this takes it now or because it
+	 * declined at its first message (it sent before this callback). */
+	if (!take_pending(&client, PENDING_CLIENT) || !sk || refuses_from_start(sk, &k, 1) ||
+	    !add_socket(skops, &k, SOCK_PASSIVE))
 		bpf_map_delete_elem(&sock_hash, &client);
-		return;
-	}
-	add_socket(skops, &k, SOCK_PASSIVE);
 }
 
 SEC("sockops")

@@ -163,6 +163,27 @@ func TestFullMapFallsBackToTCP(t *testing.T) {
 	}
 }
 
+// A full map takes the client of a pair but not its server: the client
+// leaves the map again, so that, like any connection sockredir doesn't
+// accelerate, it behaves exactly like plain TCP. Alone in the map it would
+// get its bytes over TCP through tcp_bpf, and FIONREAD would say 0 on
+// kernels with 929e30f93125 but not 04af4efde58a (this project's host).
+func TestFullMapLeavesNoSocketAlone(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{MapSize: 1})
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "reply-then-fionread", Bytes: 1000}}, &r)
+	for who, err := range r.Errors {
+		t.Errorf("%s: %s", who, err)
+	}
+	if r.Values["fionread"] != 1000 {
+		t.Errorf("FIONREAD of the client: %d, want 1000", r.Values["fionread"])
+	}
+	if c := e.Status().Counters; c.SocketsAdded != 1 || c.AddFailures != 1 || c.MessagesRedirected+c.MessagesPassed != 0 {
+		t.Errorf("counters %+v; want the client added, the server not, and no message through sk_msg", c)
+	}
+}
+
 // A server that is not local (in another namespace, behind a veth, outside
 // the cgroup) gets plain TCP: nothing is added to the map.
 func TestNonLocalPeerUntouched(t *testing.T) {

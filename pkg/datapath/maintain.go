@@ -39,10 +39,10 @@ const modePass = 2
 //     connection back on TCP, whose receive window holds the sender back;
 //     the reader gets the redirected bytes first, so nothing is reordered.
 //     The bound holds at each check: what arrives in between adds to it.
-//   - Release. A connection that went back to TCP both ways (a refusal, a
-//     declined pair) still pays tcp_bpf's costs, and tcp_bpf answers
-//     FIONREAD wrongly for TCP bytes on some kernels. Once its sockets in
-//     sock_hash send over TCP only and have nothing redirected left to read,
+//   - Release. A connection that went back to TCP both ways (a refusal,
+//     pass-only mode) still pays tcp_bpf's costs, and tcp_bpf answers
+//     FIONREAD wrongly for TCP bytes on some kernels. Once both of its
+//     sockets send over TCP only and have nothing redirected left to read,
 //     for at least settleTime, they leave sock_hash and are plain TCP sockets
 //     again.
 //
@@ -123,10 +123,7 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		if r.Unread > m.maxBacklog {
 			res.OverBacklog++
 		}
-		release, err := m.settledWith(key, r, reports)
-		if err != nil {
-			return res, err
-		}
+		release := settledWith(key, r, reports)
 		if len(release) == 0 {
 			continue
 		}
@@ -149,31 +146,20 @@ func (m *Maintainer) Check() (CheckResult, error) {
 	return res, nil
 }
 
-// settledWith returns the sockets to release with the one under key (its own
-// report r) if nothing will be redirected between it and its peer again and
-// nothing redirected is left to read: both, when the peer is in the map too
-// (then only when key is the lower of the two, so that each pair is handled
-// once), or this one alone, when its peer never made it into the map.
-func (m *Maintainer) settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) ([]sockopsSockKey, error) {
-	if r.Mode != modePass || r.Unread != 0 {
-		return nil, nil
-	}
+// settledWith returns the pair of the socket under key (its own report r)
+// to release, if nothing will be redirected between the two again and
+// nothing redirected is left to read; only for the lower of the two keys, so
+// that each pair is handled once. (A socket is never in the map without its
+// peer for longer than a handshake: sock_ops takes a client out again when
+// its server stays out.)
+func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
-	if peer, ok := reports[peerKey]; ok {
-		if peer.Mode != modePass || peer.Unread != 0 || !keyLess(key, peerKey) {
-			return nil, nil
-		}
-		return []sockopsSockKey{key, peerKey}, nil
+	peer, ok := reports[peerKey]
+	if !ok || !keyLess(key, peerKey) || r.Mode != modePass || peer.Mode != modePass || r.Unread != 0 || peer.Unread != 0 {
+		return nil
 	}
-	var cookie uint64
-	switch err := m.maps["sock_hash"].Lookup(&peerKey, &cookie); {
-	case errors.Is(err, ebpf.ErrKeyNotExist):
-		return []sockopsSockKey{key}, nil
-	case err != nil:
-		return nil, fmt.Errorf("looking a socket up in the map: %w", err)
-	}
-	return nil, nil // the peer is in the map, in a namespace not inspected
+	return []sockopsSockKey{key, peerKey}
 }
 
 func (m *Maintainer) Close() error {

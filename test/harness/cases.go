@@ -59,6 +59,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"abortive-close":             withPair(abortiveClose),
 	"epoll-level-rdhup":          withPair(epollLevelRDHUP),
 	"rcvlowat-then-fionread":     withPair(rcvlowatThenFIONREAD),
+	"reply-then-fionread":        withPair(replyThenFIONREAD),
 	"connect-time":               connectTime,
 	"tcp-options":                tcpOptions,
 }
@@ -527,6 +528,31 @@ func rcvlowatThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, err
 	}
 	res.Values["fionread"] = n
 	if _, err := io.ReadFull(server, make([]byte, c.Bytes)); err != nil {
+		res.Errors["read"] = err.Error()
+	}
+	return res, nil
+}
+
+// replyThenFIONREAD: the client sends a request, the server answers with
+// c.Bytes, and after a while the client asks FIONREAD, then reads the answer.
+func replyThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	res := newResult()
+	if _, err := client.Write(make([]byte, 100)); err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(server, make([]byte, 100)); err != nil {
+		return nil, err
+	}
+	if _, err := server.Write(make([]byte, c.Bytes)); err != nil {
+		return nil, err
+	}
+	time.Sleep(500 * time.Millisecond) // for the daemon, if one runs
+	n, err := fionreadOf(client)
+	if err != nil {
+		res.Errors["ioctl"] = err.Error()
+	}
+	res.Values["fionread"] = n
+	if _, err := io.ReadFull(client, make([]byte, c.Bytes)); err != nil {
 		res.Errors["read"] = err.Error()
 	}
 	return res, nil
