@@ -1,0 +1,39 @@
+package datapath
+
+import "testing"
+
+// A pair is released once, by its lower key, and only when both of its
+// sockets send over TCP and have nothing redirected left to read.
+func TestSettledWith(t *testing.T) {
+	a := sockopsSockKey{LocalIp: [4]uint32{0, 0, 0xffff0000, 0x0100007f}, RemoteIp: [4]uint32{0, 0, 0xffff0000, 0x0100007f},
+		LocalPort: 40000, RemotePort: 8080, LocalSeq: 11, RemoteSeq: 22, Family: 2, Netns: 4096}
+	var b sockopsSockKey
+	mirrorKey(&a, &b)
+	if b.LocalPort != 8080 || b.RemotePort != 40000 || b.LocalSeq != 22 || b.RemoteSeq != 11 || b.Netns != 4096 {
+		t.Fatalf("mirror of %+v: %+v", a, b)
+	}
+	lower, higher := a, b
+	if !keyLess(a, b) {
+		lower, higher = b, a
+	}
+	if keyLess(higher, lower) == keyLess(lower, higher) {
+		t.Fatal("keyLess is not an order")
+	}
+	passed := socketReport{Mode: modePass}
+	for _, c := range []struct {
+		name    string
+		reports map[sockopsSockKey]socketReport
+		key     sockopsSockKey
+		want    int
+	}{
+		{"both pass, nothing unread", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, lower, 2},
+		{"asked by the higher key", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, higher, 0},
+		{"peer still redirects", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, 0},
+		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, 0},
+		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, 0},
+	} {
+		if got := settledWith(c.key, c.reports[c.key], c.reports); len(got) != c.want {
+			t.Errorf("%s: released %d sockets, want %d", c.name, len(got), c.want)
+		}
+	}
+}
