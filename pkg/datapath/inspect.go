@@ -51,9 +51,9 @@ type inspector struct {
 	iter *link.Iter
 }
 
-// newInspector loads the inspector. A maxBacklog above 0 also makes each
-// socket with more redirected bytes waiting than that refuse redirected
-// bytes whenever it runs.
+// newInspector loads the inspector. With a maxBacklog above 0, each run also
+// puts the connection of every socket with more redirected bytes waiting
+// than that back on TCP.
 func newInspector(maps map[string]*ebpf.Map, maxBacklog uint64) (*inspector, error) {
 	spec, err := loadInspect()
 	if err != nil {
