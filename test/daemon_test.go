@@ -378,3 +378,36 @@ func startAsOtherUser(t *testing.T, e *harness.Env, pod *harness.Pod, name strin
 		<-p.Done()
 	})
 }
+
+// The daemon's upkeep: a reader that stops reading puts its connection back
+// on TCP, which holds the sender back, also after `down` and a SIGHUP have
+// brought the datapath back with new maps.
+func TestDaemonHoldsBackSlowReaders(t *testing.T) {
+	e := harness.New(t)
+	d := startDaemon(t, e, "--max-backlog", "1048576", "--check-interval", "10ms")
+	slowReader := func(seed uint64) {
+		t.Helper()
+		tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 2 * transferBytes(t), Seed: seed, OneWay: true,
+			ServerReadDelay: 2 * time.Second}
+		var res harness.TransferResult
+		e.Run(harness.Scenario{Transfer: &tr}, &res)
+		tr.Check(t, &res)
+		if m := d.scrape(); m["sockredir_inbound_refused_total"] != 1 || m["sockredir_passed_bytes_total"] == 0 {
+			t.Errorf("inbound_refused_total %v, passed_bytes_total %v; want one refusal and bytes over TCP",
+				m["sockredir_inbound_refused_total"], m["sockredir_passed_bytes_total"])
+		}
+	}
+	slowReader(31)
+
+	if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil {
+		t.Fatal(err)
+	}
+	d.signal(syscall.SIGHUP)
+	d.waitLog("reloaded", nil)
+	slowReader(33) // the new maps' counters start at 0
+
+	d.signal(syscall.SIGTERM)
+	if code := d.wait(); code != 0 {
+		t.Fatalf("the daemon exited with %d on SIGTERM:\n%s", code, d.log())
+	}
+}

@@ -70,6 +70,9 @@ type daemon struct {
 	cgroup  string
 	pinDir  string
 	tracker *localaddr.Tracker
+	// renew asks the maintainer loop to open the datapath again: a reload
+	// may have brought it back with new maps after someone took it down.
+	renew chan struct{}
 	// datapathMu keeps Up and the tracker's address updates apart.
 	datapathMu sync.Mutex
 }
@@ -78,7 +81,7 @@ type daemon struct {
 // datapath can't be brought up at start, the metrics address can't be
 // served, or the local addresses can't be followed.
 func Run(ctx context.Context, opts Options) error {
-	d := &daemon{opts: opts, log: opts.Log}
+	d := &daemon{opts: opts, log: opts.Log, renew: make(chan struct{}, 1)}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -98,7 +101,6 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("preparing the datapath's upkeep: %w", err)
 	}
-	defer maintainer.Close()
 
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
@@ -137,9 +139,10 @@ func Run(ctx context.Context, opts Options) error {
 	return d.exit()
 }
 
-// maintain runs the maintainer until ctx is done. A failed check is logged
-// and retried: the datapath keeps running meanwhile.
+// maintain runs the maintainer until ctx is done, then closes it. A failed
+// check is logged and retried: the datapath keeps running meanwhile.
 func (d *daemon) maintain(ctx context.Context, maintainer *datapath.Maintainer) {
+	defer func() { maintainer.Close() }()
 	interval := d.opts.CheckInterval
 	if interval == 0 {
 		interval = DefaultCheckInterval
@@ -150,6 +153,15 @@ func (d *daemon) maintain(ctx context.Context, maintainer *datapath.Maintainer) 
 		select {
 		case <-ctx.Done():
 			return
+		case <-d.renew:
+			renewed, err := datapath.NewMaintainer(d.pinDir, maintainer.MaxBacklog())
+			if err != nil {
+				d.log.Warn("reopening the datapath's upkeep; going on with the old one", zap.Error(err))
+				continue
+			}
+			maintainer.Close()
+			maintainer = renewed
+			continue
 		case <-tick.C:
 		}
 		res, err := maintainer.Check()
@@ -231,6 +243,10 @@ func (d *daemon) reload() {
 		return
 	}
 	d.tracker.Resync()
+	select {
+	case d.renew <- struct{}{}:
+	default: // one is pending already
+	}
 	d.log.Info("reloaded")
 }
 
