@@ -6,16 +6,35 @@
  * `sockredir down` and the daemon only remove sockets whose queue is empty.
  * (iter/sockmap would walk the map directly, but some kernels refuse it.)
  *
- * With max_backlog set it also applies backpressure: tcp_bpf queues
- * redirected bytes without limit, so the connection of a socket with more
- * than max_backlog waiting goes back to TCP (refuse), whose receive window
- * holds the sender back. */
+ * With max_backlog set (datapath.Maintainer, which the daemon runs), it also
+ * puts connections back on TCP (refuse):
+ *   - backpressure: tcp_bpf queues redirected bytes without limit, so the
+ *     connection of a socket with more than max_backlog waiting goes back to
+ *     TCP, whose receive window holds the sender back;
+ *   - blocking readers: tcp_bpf can fail a blocking recv(2) with EAGAIN (see
+ *     sockops.c). sock_ops can't tell whether an accepted socket blocks, as
+ *     it has no file yet, and a client may turn blocking after connecting;
+ *     here the file is known. A blocking server's port is remembered, so its
+ *     later connections stay on TCP from the start. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>
 
 /* Set by the loader; 0 only reports. */
 const volatile __u64 max_backlog = 0;
+
+/* Whether the socket's application has it in blocking mode; not known (0)
+ * before accept(2) gives it a file, or after close(2). */
+static __always_inline int reads_blocking(struct tcp_sock *tp)
+{
+	struct socket *sock = BPF_CORE_READ((struct sock *)tp, sk_socket);
+	struct file *file;
+
+	if (!sock)
+		return 0;
+	file = BPF_CORE_READ(sock, file);
+	return file && !(BPF_CORE_READ(file, f_flags) & O_NONBLOCK);
+}
 
 struct socket_report {
 	struct sock_key key;
@@ -72,8 +91,14 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 		return 0; /* no longer in sock_hash */
 	mirror_key(&st->peer, &r.key);
 	r.unread = queued_bytes(psock);
-	if (max_backlog && r.unread > max_backlog)
-		refuse(st, REFUSED_BACKLOG);
+	if (max_backlog) {
+		struct settings *s = get_settings();
+
+		if (r.unread > max_backlog)
+			refuse(st, REFUSED_BACKLOG);
+		else if (s && !(s->policy & POLICY_ACCELERATE_BLOCKING) && reads_blocking(tp))
+			refuse(st, REFUSED_BLOCKING);
+	}
 	r.mode = st->mode;
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;

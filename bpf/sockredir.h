@@ -67,6 +67,7 @@ enum refusal {
 	REFUSED_RCVLOWAT = 1, /* it set SO_RCVLOWAT: tcp_bpf ignores it */
 	REFUSED_FIONREAD = 2, /* it asked FIONREAD, on a kernel whose tcp_bpf can't answer */
 	REFUSED_BACKLOG = 3,  /* its application fell behind (see inspect.c) */
+	REFUSED_BLOCKING = 4, /* its file is blocking (see inspect.c) */
 };
 
 /* Indexes into the counters map; pkg/datapath names them. */

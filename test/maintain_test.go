@@ -87,3 +87,29 @@ func TestSettledConnectionLeavesTheMap(t *testing.T) {
 			res.Released, st.Sockets, st.Counters)
 	}
 }
+
+// tcp_bpf can fail a blocking recv(2) with EAGAIN, and sock_ops can't tell
+// that an accepted socket will block. The maintainer can: it puts such a
+// connection back on TCP and remembers the server's port, so the next
+// connection to it stays on TCP from the start.
+func TestBlockingServerLearned(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	stop := runMaintainer(t, e, 0)
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "blocking-server-twice", Bytes: 4096}}, &r)
+	res := stop()
+	for who, err := range r.Errors {
+		t.Errorf("%s: %s", who, err)
+	}
+	st := e.Status()
+	// The second connection's client gets in at ACTIVE_ESTABLISHED, and
+	// leaves again when its server refuses.
+	if c := st.Counters; c.SocketsAdded != 3 || c.InboundRefused != 2 || c.BytesRedirected != 2*4096 || res.Released != 2 {
+		t.Errorf("counters %+v, released %d; want the first connection redirected, put back on TCP and "+
+			"released, and the second one on TCP from the start", c, res.Released)
+	}
+	if len(st.RefusingPorts) != 1 || st.RefusingPorts[0].Reason != "blocking reads" {
+		t.Errorf("ports kept on TCP: %+v, want the server's, for its blocking reads", st.RefusingPorts)
+	}
+}

@@ -39,12 +39,11 @@ const modePass = 2
 //     connection back on TCP, whose receive window holds the sender back;
 //     the reader gets the redirected bytes first, so nothing is reordered.
 //     The bound holds at each check: what arrives in between adds to it.
-//   - Release. A connection that went back to TCP both ways (a refusal,
-//     pass-only mode) still pays tcp_bpf's costs, and tcp_bpf answers
-//     FIONREAD wrongly for TCP bytes on some kernels. Once both of its
-//     sockets send over TCP only and have nothing redirected left to read,
-//     for at least settleTime, they leave sock_hash and are plain TCP sockets
-//     again.
+//   - Release. A connection that went back to TCP (a refusal, pass-only
+//     mode) still pays tcp_bpf's costs, and tcp_bpf answers FIONREAD wrongly
+//     for TCP bytes on some kernels. Once neither of its sockets will
+//     redirect again and neither has redirected bytes left to read, for at
+//     least settleTime, they leave sock_hash and are plain TCP sockets again.
 //
 // It is not safe for concurrent use.
 type Maintainer struct {
@@ -123,7 +122,7 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		if r.Unread > m.maxBacklog {
 			res.OverBacklog++
 		}
-		release := settledWith(key, r, reports)
+		release := settledWith(key, r, reports, m.refused)
 		if len(release) == 0 {
 			continue
 		}
@@ -149,17 +148,29 @@ func (m *Maintainer) Check() (CheckResult, error) {
 // settledWith returns the pair of the socket under key (its own report r)
 // to release, if nothing will be redirected between the two again and
 // nothing redirected is left to read; only for the lower of the two keys, so
-// that each pair is handled once. (A socket is never in the map without its
-// peer for longer than a handshake: sock_ops takes a client out again when
-// its server stays out.)
-func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {
+// that each pair is handled once. A socket won't redirect again once it
+// passes, or once its peer refused (refused reports whether a socket did):
+// its next message finds the refusal. (A socket is never in the map without
+// its peer for longer than a handshake: sock_ops takes a client out again
+// when its server stays out.)
+func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport,
+	refused func(sockopsSockKey) bool) []sockopsSockKey {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
 	peer, ok := reports[peerKey]
-	if !ok || !keyLess(key, peerKey) || r.Mode != modePass || peer.Mode != modePass || r.Unread != 0 || peer.Unread != 0 {
+	if !ok || !keyLess(key, peerKey) || r.Unread != 0 || peer.Unread != 0 {
+		return nil
+	}
+	if (r.Mode != modePass && !refused(peerKey)) || (peer.Mode != modePass && !refused(key)) {
 		return nil
 	}
 	return []sockopsSockKey{key, peerKey}
+}
+
+// refused reports whether the socket under key refused redirected bytes.
+func (m *Maintainer) refused(key sockopsSockKey) bool {
+	var why uint32
+	return m.maps["refusals"].Lookup(&key, &why) == nil
 }
 
 func (m *Maintainer) Close() error {

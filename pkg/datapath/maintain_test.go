@@ -20,19 +20,23 @@ func TestSettledWith(t *testing.T) {
 		t.Fatal("keyLess is not an order")
 	}
 	passed := socketReport{Mode: modePass}
+	var none sockopsSockKey
 	for _, c := range []struct {
 		name    string
 		reports map[sockopsSockKey]socketReport
 		key     sockopsSockKey
+		refused sockopsSockKey // the socket that refused, if any
 		want    int
 	}{
-		{"both pass, nothing unread", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, lower, 2},
-		{"asked by the higher key", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, higher, 0},
-		{"peer still redirects", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, 0},
-		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, 0},
-		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, 0},
+		{"both pass, nothing unread", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, lower, none, 2},
+		{"asked by the higher key", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, higher, none, 0},
+		{"peer still redirects", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, none, 0},
+		{"peer redirects, but to a refusal", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, lower, 2},
+		{"the refusal is the other way", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, higher, 0},
+		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, none, 0},
+		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, none, 0},
 	} {
-		if got := settledWith(c.key, c.reports[c.key], c.reports); len(got) != c.want {
+		if got := settledWith(c.key, c.reports[c.key], c.reports, func(k sockopsSockKey) bool { return k == c.refused }); len(got) != c.want {
 			t.Errorf("%s: released %d sockets, want %d", c.name, len(got), c.want)
 		}
 	}

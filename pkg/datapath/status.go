@@ -44,7 +44,7 @@ type RefusingPort struct {
 }
 
 // refusalReasons names enum refusal of bpf/sockredir.h.
-var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD", 3: "backlog"}
+var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD", 3: "backlog", 4: "blocking reads"}
 
 // Program is one pinned BPF program.
 type Program struct {

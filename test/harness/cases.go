@@ -60,6 +60,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"epoll-level-rdhup":          withPair(epollLevelRDHUP),
 	"rcvlowat-then-fionread":     withPair(rcvlowatThenFIONREAD),
 	"reply-then-fionread":        withPair(replyThenFIONREAD),
+	"blocking-server-twice":      blockingServerTwice,
 	"connect-time":               connectTime,
 	"tcp-options":                tcpOptions,
 }
@@ -169,6 +170,76 @@ func halfCloseBlockingClient(c Case) (*CaseResult, error) {
 		res.Errors["server"] = err.Error()
 	}
 	return res, nil
+}
+
+// blockingServerTwice is a thread-per-connection server: a blocking
+// listener, and blocking reads of each accepted socket. Two clients in turn
+// send c.Bytes each, which it reads and echoes, staying connected a while.
+func blockingServerTwice(c Case) (*CaseResult, error) {
+	res := newResult()
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0) // blocking
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(lfd)
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return nil, err
+	}
+	if err := unix.Listen(lfd, 2); err != nil {
+		return nil, err
+	}
+	addr, err := unix.Getsockname(lfd)
+	if err != nil {
+		return nil, err
+	}
+	target := fmt.Sprintf("127.0.0.1:%d", addr.(*unix.SockaddrInet4).Port)
+	for i := range 2 {
+		client, err := net.Dial("tcp", target)
+		if err != nil {
+			return nil, err
+		}
+		fd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC) // blocking
+		if err != nil {
+			client.Close()
+			return nil, err
+		}
+		echoed := make(chan error, 1)
+		go func() {
+			buf := make([]byte, c.Bytes)
+			_, err := io.ReadFull(fdReader(fd), buf)
+			if err == nil {
+				_, err = fdWriter(fd).Write(buf)
+			}
+			echoed <- err
+		}()
+		sent := make([]byte, c.Bytes)
+		for j := range sent {
+			sent[j] = byte(i + j)
+		}
+		got := make([]byte, c.Bytes)
+		if _, err := client.Write(sent); err != nil {
+			res.Errors[fmt.Sprintf("client %d", i)] = err.Error()
+		} else if _, err := io.ReadFull(client, got); err != nil || string(got) != string(sent) {
+			res.Errors[fmt.Sprintf("client %d", i)] = fmt.Sprintf("echo differs or failed: %v", err)
+		}
+		if err := <-echoed; err != nil {
+			res.Errors[fmt.Sprintf("server %d", i)] = err.Error()
+		}
+		time.Sleep(500 * time.Millisecond) // for the daemon, if one runs
+		client.Close()
+		unix.Close(fd)
+	}
+	return res, nil
+}
+
+type fdReader int
+
+func (fd fdReader) Read(p []byte) (int, error) {
+	n, err := unix.Read(int(fd), p)
+	if n == 0 && err == nil && len(p) > 0 {
+		return 0, io.EOF
+	}
+	return n, err
 }
 
 type fdWriter int
