@@ -225,7 +225,7 @@ func blockingServerTwice(c Case) (*CaseResult, error) {
 		if err := <-echoed; err != nil {
 			res.Errors[fmt.Sprintf("server %d", i)] = err.Error()
 		}
-		time.Sleep(500 * time.Millisecond) // for the daemon, if one runs
+		time.Sleep(time.Second) // for the daemon, if one runs (emulated kernels are slow)
 		client.Close()
 		unix.Close(fd)
 	}
@@ -592,7 +592,7 @@ func rcvlowatThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, err
 	if _, err := client.Write(make([]byte, c.Bytes)); err != nil {
 		return nil, err
 	}
-	time.Sleep(500 * time.Millisecond) // for the daemon, if one runs
+	time.Sleep(time.Second) // for the daemon, if one runs (emulated kernels are slow)
 	n, err := fionreadOf(server)
 	if err != nil {
 		res.Errors["ioctl"] = err.Error()
@@ -617,7 +617,7 @@ func replyThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error)
 	if _, err := server.Write(make([]byte, c.Bytes)); err != nil {
 		return nil, err
 	}
-	time.Sleep(500 * time.Millisecond) // for the daemon, if one runs
+	time.Sleep(time.Second) // for the daemon, if one runs (emulated kernels are slow)
 	n, err := fionreadOf(client)
 	if err != nil {
 		res.Errors["ioctl"] = err.Error()
