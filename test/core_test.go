@@ -95,7 +95,7 @@ func TestPlainTCPSendsSegments(t *testing.T) {
 func TestManyConnectionsAtOnce(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
-	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 3, Connections: 64}
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 3, Connections: 64, EagerClient: true}
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
 	tr.Check(t, &res)
@@ -112,7 +112,7 @@ func TestThousandsOfConnectionsAtOnce(t *testing.T) {
 	const conns = 2000
 	e := harness.New(t)
 	e.Up(datapath.Config{})
-	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 16 << 10, Seed: 9, Connections: conns}
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 16 << 10, Seed: 9, Connections: conns, EagerClient: true}
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
 	tr.Check(t, &res)

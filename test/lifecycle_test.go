@@ -171,7 +171,8 @@ func TestChurn(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
 	for round := range 4 {
-		tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4096, Seed: uint64(1000 * (round + 1)), Connections: 250}
+		tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4096, Seed: uint64(1000 * (round + 1)), Connections: 250,
+			EagerClient: true}
 		var res harness.TransferResult
 		e.Run(harness.Scenario{Transfer: &tr}, &res)
 		tr.Check(t, &res)

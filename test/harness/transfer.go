@@ -45,6 +45,12 @@ type Transfer struct {
 	// HoldOpen delays each side's half-close, keeping the connection
 	// established (a redirecting writer finishes at once).
 	HoldOpen time.Duration `json:"hold_open,omitempty"`
+	// EagerClient starts each client as soon as it is connected, as real
+	// clients do, possibly before the server's side of the handshake has
+	// finished; sockredir then declines the pair, which stays on TCP.
+	// Otherwise a client starts once the server has accepted, so that a
+	// test of something else always gets an accelerated connection.
+	EagerClient bool `json:"eager_client,omitempty"`
 }
 
 // Received is what one side of a connection read.
@@ -104,9 +110,14 @@ func (t *Transfer) Run() (*TransferResult, error) {
 			return nil, err
 		}
 		defer client.Close()
-		wg.Go(func() {
-			res.Client[i], errs[2*i] = t.exchange(client.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i), 0)
-		})
+		startClient := func() {
+			wg.Go(func() {
+				res.Client[i], errs[2*i] = t.exchange(client.(*net.TCPConn), t.Bytes, t.Seed+2*uint64(i), 0)
+			})
+		}
+		if ln == nil || t.EagerClient {
+			startClient()
+		}
 		if ln == nil {
 			continue
 		}
@@ -115,6 +126,9 @@ func (t *Transfer) Run() (*TransferResult, error) {
 			return nil, err
 		}
 		defer server.Close()
+		if !t.EagerClient {
+			startClient()
+		}
 		wg.Go(func() {
 			res.Server[i], errs[2*i+1] = t.exchange(server.(*net.TCPConn), t.serverBytes(), t.Seed+2*uint64(i)+1, t.ServerReadDelay)
 		})
