@@ -387,14 +387,14 @@ func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 	d := startDaemon(t, e, "--max-backlog", "1048576", "--check-interval", "10ms")
 	slowReader := func(seed uint64) {
 		t.Helper()
-		tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 2 * transferBytes(t), Seed: seed, OneWay: true,
-			ServerReadDelay: 2 * time.Second}
+		tr := slowReaderTransfer(seed)
 		var res harness.TransferResult
 		e.Run(harness.Scenario{Transfer: &tr}, &res)
 		tr.Check(t, &res)
 		if m := d.scrape(); m["sockredir_inbound_refused_total"] != 1 || m["sockredir_passed_bytes_total"] == 0 {
-			t.Errorf("inbound_refused_total %v, passed_bytes_total %v; want one refusal and bytes over TCP",
-				m["sockredir_inbound_refused_total"], m["sockredir_passed_bytes_total"])
+			t.Errorf("inbound_refused_total %v, passed_bytes_total %v, redirected_bytes_total %v, sockets_added_total %v; "+
+				"want one refusal and bytes over TCP\n%s", m["sockredir_inbound_refused_total"], m["sockredir_passed_bytes_total"],
+				m["sockredir_redirected_bytes_total"], m["sockredir_sockets_added_total"], d.log())
 		}
 	}
 	slowReader(31)
