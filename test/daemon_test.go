@@ -405,6 +405,10 @@ func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 	d.signal(syscall.SIGHUP)
 	d.waitLog("reloaded", nil)
 	slowReader(33) // the new maps' counters start at 0
+	if m := d.scrape(); m["sockredir_upkeep_checks_total"] == 0 || m["sockredir_upkeep_failures_total"] != 0 {
+		t.Errorf("upkeep checks %v, failures %v; want checks and no failures",
+			m["sockredir_upkeep_checks_total"], m["sockredir_upkeep_failures_total"])
+	}
 
 	d.signal(syscall.SIGTERM)
 	if code := d.wait(); code != 0 {

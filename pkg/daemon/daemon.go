@@ -72,7 +72,8 @@ type daemon struct {
 	tracker *localaddr.Tracker
 	// renew asks the maintainer loop to open the datapath again: a reload
 	// may have brought it back with new maps after someone took it down.
-	renew chan struct{}
+	renew  chan struct{}
+	upkeep *metrics.Upkeep
 	// datapathMu keeps Up and the tracker's address updates apart.
 	datapathMu sync.Mutex
 }
@@ -81,7 +82,7 @@ type daemon struct {
 // datapath can't be brought up at start, the metrics address can't be
 // served, or the local addresses can't be followed.
 func Run(ctx context.Context, opts Options) error {
-	d := &daemon{opts: opts, log: opts.Log, renew: make(chan struct{}, 1)}
+	d := &daemon{opts: opts, log: opts.Log, renew: make(chan struct{}, 1), upkeep: metrics.NewUpkeep()}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -165,8 +166,11 @@ func (d *daemon) maintain(ctx context.Context, maintainer *datapath.Maintainer) 
 		case <-tick.C:
 		}
 		res, err := maintainer.Check()
+		d.upkeep.Checks.Inc()
+		d.upkeep.Released.Add(float64(res.Released))
 		switch {
 		case err != nil:
+			d.upkeep.Failures.Inc()
 			d.log.Warn("checking the datapath's sockets", zap.Error(err))
 		case res.OverBacklog > 0 || res.Released > 0:
 			d.log.Debug("checked the datapath's sockets", zap.Int("over_backlog", res.OverBacklog),
@@ -257,6 +261,7 @@ func (d *daemon) serveMetrics(stop context.CancelCauseFunc) (*http.Server, error
 	reg.MustRegister(metrics.NewCollector(d.pinDir),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(metrics.TrackerGauges(d.tracker)...)
+	reg.MustRegister(d.upkeep.Collectors()...)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", metrics.Handler(reg, d.log))
 	mux.HandleFunc("GET /healthz", d.healthz)

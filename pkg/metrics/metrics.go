@@ -137,3 +137,34 @@ func TrackerGauges(t AddressTracker) []prometheus.Collector {
 		}, func() float64 { return float64(t.Namespaces()) }),
 	}
 }
+
+// Upkeep counts what the daemon's upkeep of the accelerated sockets does
+// (datapath.Maintainer); it lives in the daemon, not in the BPF maps.
+type Upkeep struct {
+	Checks   prometheus.Counter
+	Failures prometheus.Counter
+	Released prometheus.Counter
+}
+
+// NewUpkeep makes the upkeep's counters.
+func NewUpkeep() *Upkeep {
+	return &Upkeep{
+		Checks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockredir_upkeep_checks_total",
+			Help: "Checks of the accelerated sockets: backlogs, blocking readers, connections back on TCP.",
+		}),
+		Failures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockredir_upkeep_failures_total",
+			Help: "Checks of the accelerated sockets that failed (the daemon logs why).",
+		}),
+		Released: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockredir_upkeep_released_sockets_total",
+			Help: "Sockets of connections back on TCP taken out of the sockhash: plain TCP sockets again.",
+		}),
+	}
+}
+
+// Collectors are the counters, to register.
+func (u *Upkeep) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{u.Checks, u.Failures, u.Released}
+}

@@ -27,6 +27,7 @@ func TestMetricNames(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewCollector("/nonexistent"))
 	reg.MustRegister(TrackerGauges(fakeTracker{})...)
+	reg.MustRegister(NewUpkeep().Collectors()...)
 	descs := make(chan *prometheus.Desc, 100)
 	NewCollector("/nonexistent").Describe(descs)
 	close(descs)
