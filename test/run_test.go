@@ -180,3 +180,34 @@ func TestRunAcceleratesOnlyTheCommand(t *testing.T) {
 		t.Errorf("a process outside the command sent only %d TCP segments: it was accelerated too", plain.TCPOutSegs)
 	}
 }
+
+// run keeps its datapath up as the daemon does: a command whose reader
+// falls behind gets its connection put back on TCP, which holds the sender
+// back, and every byte arrives.
+func TestRunHoldsBackSlowReaders(t *testing.T) {
+	e := harness.New(t)
+	tr := slowReaderTransfer(501)
+	agent, err := harness.AgentEnv(harness.Scenario{Transfer: &tr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := sockredirRun(t, e, []string{agent}, "--", os.Args[0], "-test.run=^$")
+	if r.code != 0 {
+		t.Fatalf("exit status %d:\n%s", r.code, r.stderr)
+	}
+	var res harness.TransferResult
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
+		t.Fatalf("agent result %q: %v", r.stdout, err)
+	}
+	tr.Check(t, &res)
+	var summary map[string]any
+	for line := range strings.Lines(r.stderr) {
+		var l map[string]any
+		if json.Unmarshal([]byte(line), &l) == nil && l["msg"] == "sockredir run: done" {
+			summary = l
+		}
+	}
+	if passed, _ := summary["bytes_passed"].(float64); passed == 0 {
+		t.Errorf("run's summary: %v, want bytes passed to TCP once the reader fell behind\n%s", summary, r.stderr)
+	}
+}

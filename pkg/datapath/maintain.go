@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,6 +16,12 @@ import (
 
 	"github.com/sockredir/sockredir/pkg/localaddr"
 )
+
+// DefaultCheckInterval is how often to check unless told otherwise: what a
+// fast sender redirects in this time adds to the backlog limit. A check
+// costs about a millisecond of CPU on this project's VM with few sockets
+// (5% of a CPU at 20 ms).
+const DefaultCheckInterval = 100 * time.Millisecond
 
 // settleTime is how long a pair must look settled before it is released: a
 // redirect decided before the switch to TCP may still be on its way (the
@@ -48,6 +55,7 @@ const modePass = 2
 // It is not safe for concurrent use.
 type Maintainer struct {
 	maxBacklog uint64
+	pinDir     string
 	cgroup     string
 	maps       map[string]*ebpf.Map
 	inspector  *inspector
@@ -97,7 +105,7 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 		closeMaps(maps)
 		return nil, err
 	}
-	return &Maintainer{maxBacklog: maxBacklog, cgroup: meta.cgroup(), maps: maps, inspector: in,
+	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, cgroup: meta.cgroup(), maps: maps, inspector: in,
 		settled: map[sockopsSockKey]time.Time{}}, nil
 }
 
@@ -171,6 +179,36 @@ func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]
 func (m *Maintainer) refused(key sockopsSockKey) bool {
 	var why uint32
 	return m.maps["refusals"].Lookup(&key, &why) == nil
+}
+
+// Run checks every interval (0 means DefaultCheckInterval) until ctx is
+// done, and tells report what each check did. Whenever reopen delivers, it
+// opens the datapath again first: a new `up` may have brought it back with
+// new maps after a `down`. It closes the Maintainer when it returns.
+func (m *Maintainer) Run(ctx context.Context, interval time.Duration, reopen <-chan struct{}, report func(CheckResult, error)) {
+	defer func() { m.Close() }()
+	if interval == 0 {
+		interval = DefaultCheckInterval
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-reopen:
+			fresh, err := NewMaintainer(m.pinDir, m.maxBacklog)
+			if err != nil {
+				report(CheckResult{}, fmt.Errorf("opening the datapath again (going on with the old one): %w", err))
+				continue
+			}
+			m.Close()
+			*m = *fresh
+			continue
+		case <-tick.C:
+		}
+		report(m.Check())
+	}
 }
 
 func (m *Maintainer) Close() error {

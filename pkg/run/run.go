@@ -1,10 +1,12 @@
 // Package run is `sockredir run`: it accelerates one command and its
 // children, and nothing else. The command runs in a transient cgroup with a
-// datapath of its own; when it ends, the datapath goes down and the cgroup
+// datapath of its own, kept up as the daemon keeps its own
+// (datapath.Maintainer); when it ends, the datapath goes down and the cgroup
 // and pins are removed.
 package run
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -80,8 +82,24 @@ func Run(opts Options) (int, error) {
 	if _, err := datapath.Up(cfg); err != nil {
 		return ExitFailed, errors.Join(err, removeCgroup(cg))
 	}
+	maintainer, err := datapath.NewMaintainer(pinDir, 0)
+	if err != nil {
+		return ExitFailed, errors.Join(err, cleanUp(cg, cfg, log))
+	}
+	ctx, stopUpkeep := context.WithCancel(context.Background())
+	upkeepDone := make(chan struct{})
+	go func() {
+		defer close(upkeepDone)
+		maintainer.Run(ctx, 0, nil, func(_ datapath.CheckResult, err error) {
+			if err != nil {
+				log.Warn("checking the accelerated sockets", zap.Error(err))
+			}
+		})
+	}()
 
 	code, runErr := runCommand(cg, opts)
+	stopUpkeep()
+	<-upkeepDone
 	if u, err := datapath.ReadUsage(pinDir); err == nil && runErr == nil {
 		log.Info("sockredir run: done", zap.Int("exit_status", code), zap.Uint64("sockets_added", u.Counters.SocketsAdded),
 			zap.Uint64("bytes_redirected", u.Counters.BytesRedirected), zap.Uint64("bytes_passed", u.Counters.BytesPassed))
