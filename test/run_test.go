@@ -191,7 +191,7 @@ func TestRunHoldsBackSlowReaders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := sockredirRun(t, e, []string{agent}, "--", os.Args[0], "-test.run=^$")
+	r := sockredirRun(t, e, []string{agent}, "--max-backlog", "4194304", "--", os.Args[0], "-test.run=^$")
 	if r.code != 0 {
 		t.Fatalf("exit status %d:\n%s", r.code, r.stderr)
 	}

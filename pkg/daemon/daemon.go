@@ -47,7 +47,7 @@ type Options struct {
 	DrainTimeout time.Duration
 	// MaxBacklog is how many redirected bytes a socket may have waiting
 	// before its connection goes on over TCP; 0 means
-	// datapath.MaxTCPReceiveBuffer.
+	// datapath.DefaultMaxBacklog.
 	MaxBacklog uint64
 	// CheckInterval is how often the accelerated sockets are checked
 	// (backlogs, connections back on TCP); 0 means

@@ -74,14 +74,14 @@ type CheckResult struct {
 }
 
 // NewMaintainer prepares checks of the datapath pinned in pinDir
-// (DefaultPinDir if empty); maxBacklog 0 means MaxTCPReceiveBuffer.
+// (DefaultPinDir if empty); maxBacklog 0 means DefaultMaxBacklog.
 func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 	if pinDir == "" {
 		pinDir = DefaultPinDir
 	}
 	if maxBacklog == 0 {
 		var err error
-		if maxBacklog, err = MaxTCPReceiveBuffer(); err != nil {
+		if maxBacklog, err = DefaultMaxBacklog(); err != nil {
 			return nil, err
 		}
 	}
@@ -217,10 +217,16 @@ func (m *Maintainer) Close() error {
 	return m.inspector.Close()
 }
 
-// MaxTCPReceiveBuffer is the largest receive buffer TCP gives a socket here
-// (the last field of net.ipv4.tcp_rmem): a backlog that size is one TCP
-// would allow too.
-func MaxTCPReceiveBuffer() (uint64, error) {
+// DefaultMaxBacklog is four times the largest receive buffer TCP gives a
+// socket here: a bound of the same order as TCP's, with room for the bursts
+// that a reader soon catches up with (those stay redirected).
+func DefaultMaxBacklog() (uint64, error) {
+	max, err := maxTCPReceiveBuffer()
+	return 4 * max, err
+}
+
+// maxTCPReceiveBuffer is the last field of net.ipv4.tcp_rmem.
+func maxTCPReceiveBuffer() (uint64, error) {
 	data, err := os.ReadFile("/proc/sys/net/ipv4/tcp_rmem")
 	if err != nil {
 		return 0, err

@@ -44,6 +44,8 @@ type Options struct {
 	// MapSize and PassOnly are those of datapath.Config.
 	MapSize  uint32
 	PassOnly bool
+	// MaxBacklog is the upkeep's backlog limit (datapath.NewMaintainer).
+	MaxBacklog uint64
 	// Stdin, Stdout and Stderr are the command's.
 	Stdin          io.Reader
 	Stdout, Stderr io.Writer
@@ -82,7 +84,7 @@ func Run(opts Options) (int, error) {
 	if _, err := datapath.Up(cfg); err != nil {
 		return ExitFailed, errors.Join(err, removeCgroup(cg))
 	}
-	maintainer, err := datapath.NewMaintainer(pinDir, 0)
+	maintainer, err := datapath.NewMaintainer(pinDir, opts.MaxBacklog)
 	if err != nil {
 		return ExitFailed, errors.Join(err, cleanUp(cg, cfg, log))
 	}
