@@ -143,10 +143,12 @@ func (m *Maintainer) Check() (CheckResult, error) {
 			continue
 		}
 		for _, k := range release {
-			if err := m.maps["sock_hash"].Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			switch err := m.maps["sock_hash"].Delete(&k); {
+			case err == nil:
+				res.Released++
+			case !errors.Is(err, ebpf.ErrKeyNotExist): // closed meanwhile: gone already
 				return res, fmt.Errorf("releasing a socket from the map: %w", err)
 			}
-			res.Released++
 		}
 	}
 	m.settled = settledNow
