@@ -99,11 +99,18 @@ func TestManyConnectionsAtOnce(t *testing.T) {
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
 	tr.Check(t, &res)
-	// A client that sends before its server's handshake has finished
-	// declines the pair (it stays on TCP): one socket fewer, one decline.
-	if c := e.Status().Counters; c.SocketsAdded+c.PairsDeclined != 128 || c.PairsDeclined > 4 {
+	if c := e.Status().Counters; !everyPairAddedOrDeclined(c, 64) || c.PairsDeclined > 4 {
 		t.Errorf("64 connections: %+v; want each pair added or (rarely) declined", c)
 	}
+}
+
+// everyPairAddedOrDeclined reports whether each of conns connections had
+// both of its sockets added, or was declined. A client that sends before its
+// server's handshake has finished declines the pair (it stays on TCP): then
+// its server is usually not added, or, if its handshake finished in between,
+// is added and only receives.
+func everyPairAddedOrDeclined(c datapath.Counters, conns uint64) bool {
+	return c.SocketsAdded <= 2*conns && c.SocketsAdded+c.PairsDeclined >= 2*conns
 }
 
 // Thousands of connections open at once: every byte arrives, every pair is
@@ -116,7 +123,7 @@ func TestThousandsOfConnectionsAtOnce(t *testing.T) {
 	var res harness.TransferResult
 	e.Run(harness.Scenario{Transfer: &tr}, &res)
 	tr.Check(t, &res)
-	if c := e.Status().Counters; c.SocketsAdded+c.PairsDeclined != 2*conns || c.PairsDeclined > conns/50 {
+	if c := e.Status().Counters; !everyPairAddedOrDeclined(c, conns) || c.PairsDeclined > conns/50 {
 		t.Errorf("%d connections: %+v; want each pair added or (rarely) declined", conns, c)
 	}
 	deadline := time.Now().Add(5 * time.Second)
