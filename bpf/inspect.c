@@ -39,8 +39,8 @@ static __always_inline int reads_blocking(struct tcp_sock *tp)
 struct socket_report {
 	struct sock_key key;
 	__u64 unread; /* redirected bytes still queued (a lower bound on 6.1) */
-	__u32 mode;   /* enum redirect_mode */
-	__u32 pad;
+	__u32 mode;    /* enum redirect_mode */
+	__u32 refused; /* 1 if it refused redirected bytes (see refuse) */
 };
 
 /* Kernels without msg_tot_len (6.1) get the queue walked, this far. */
@@ -100,6 +100,7 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 			refuse(st, REFUSED_BLOCKING);
 	}
 	r.mode = st->mode;
+	r.refused = bpf_map_lookup_elem(&refusals, &r.key) != 0;
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }

@@ -178,11 +178,7 @@ func TestFullMapFallsBackToTCP(t *testing.T) {
 func TestFullMapLeavesNoSocketAlone(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{MapSize: 1})
-	var r harness.CaseResult
-	e.Run(harness.Scenario{Case: &harness.Case{Name: "reply-then-fionread", Bytes: 1000}}, &r)
-	for who, err := range r.Errors {
-		t.Errorf("%s: %s", who, err)
-	}
+	r := runCase(t, e, "reply-then-fionread", 1000)
 	if r.Values["fionread"] != 1000 {
 		t.Errorf("FIONREAD of the client: %d, want 1000", r.Values["fionread"])
 	}

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -15,33 +16,36 @@ func runMaintainer(t *testing.T, e *harness.Env, maxBacklog uint64) (stop func()
 	if err != nil {
 		t.Fatal(err)
 	}
-	quit, stopped := make(chan struct{}), make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
 	var total datapath.CheckResult
 	go func() {
 		defer close(stopped)
-		tick := time.NewTicker(10 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-quit:
-				return
-			case <-tick.C:
-			}
-			res, err := maintainer.Check()
+		maintainer.Run(ctx, 10*time.Millisecond, nil, func(res datapath.CheckResult, err error) {
 			if err != nil {
 				t.Errorf("checking the datapath: %v", err)
-				return
 			}
 			total.OverBacklog += res.OverBacklog
 			total.Released += res.Released
-		}
+		})
 	}()
 	return func() datapath.CheckResult {
-		close(quit)
+		cancel()
 		<-stopped
-		maintainer.Close()
 		return total
 	}
+}
+
+// runCase runs the named case in e and fails the test for every error that
+// the case's application saw.
+func runCase(t *testing.T, e *harness.Env, name string, bytes int64) harness.CaseResult {
+	t.Helper()
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: name, Bytes: bytes}}, &r)
+	for who, err := range r.Errors {
+		t.Errorf("%s: %s", who, err)
+	}
+	return r
 }
 
 // slowReaderBytes is what a slow reader's peer sends: enough that a sender
@@ -86,12 +90,8 @@ func TestSettledConnectionLeavesTheMap(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
 	stop := runMaintainer(t, e, 0)
-	var r harness.CaseResult
-	e.Run(harness.Scenario{Case: &harness.Case{Name: "rcvlowat-then-fionread", Bytes: 1000}}, &r)
+	r := runCase(t, e, "rcvlowat-then-fionread", 1000)
 	res := stop()
-	for who, err := range r.Errors {
-		t.Errorf("%s: %s", who, err)
-	}
 	if r.Values["fionread"] != 1000 {
 		t.Errorf("FIONREAD after the connection went back to TCP: %d, want 1000", r.Values["fionread"])
 	}
@@ -109,12 +109,8 @@ func TestBlockingServerLearned(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
 	stop := runMaintainer(t, e, 0)
-	var r harness.CaseResult
-	e.Run(harness.Scenario{Case: &harness.Case{Name: "blocking-server-twice", Bytes: 4096}}, &r)
+	runCase(t, e, "blocking-server-twice", 4096)
 	res := stop()
-	for who, err := range r.Errors {
-		t.Errorf("%s: %s", who, err)
-	}
 	st := e.Status()
 	// The first connection goes back to TCP and is released: before its
 	// first byte or after its echo, as the checks fall. The second one's

@@ -160,13 +160,7 @@ func TestRunAcceleratesOnlyTheCommand(t *testing.T) {
 	if res.TCPOutSegs > handshakeSegments {
 		t.Errorf("the command sent %d TCP segments for %d bytes: its data took the TCP path", res.TCPOutSegs, 2*tr.Bytes)
 	}
-	var summary map[string]any
-	for line := range strings.Lines(r.stderr) {
-		var l map[string]any
-		if json.Unmarshal([]byte(line), &l) == nil && l["msg"] == "sockredir run: done" {
-			summary = l
-		}
-	}
+	summary := runSummary(r.stderr)
 	if summary["sockets_added"] != 2.0 || summary["bytes_redirected"] != float64(2*tr.Bytes) {
 		t.Errorf("run's summary: %v, want 2 sockets added and %d bytes redirected\n%s", summary, 2*tr.Bytes, r.stderr)
 	}
@@ -200,14 +194,20 @@ func TestRunHoldsBackSlowReaders(t *testing.T) {
 		t.Fatalf("agent result %q: %v", r.stdout, err)
 	}
 	tr.Check(t, &res)
+	summary := runSummary(r.stderr)
+	if passed, _ := summary["bytes_passed"].(float64); passed == 0 {
+		t.Errorf("run's summary: %v, want bytes passed to TCP once the reader fell behind\n%s", summary, r.stderr)
+	}
+}
+
+// runSummary is the summary that `sockredir run` logs when it is done.
+func runSummary(stderr string) map[string]any {
 	var summary map[string]any
-	for line := range strings.Lines(r.stderr) {
+	for line := range strings.Lines(stderr) {
 		var l map[string]any
 		if json.Unmarshal([]byte(line), &l) == nil && l["msg"] == "sockredir run: done" {
 			summary = l
 		}
 	}
-	if passed, _ := summary["bytes_passed"].(float64); passed == 0 {
-		t.Errorf("run's summary: %v, want bytes passed to TCP once the reader fell behind\n%s", summary, r.stderr)
-	}
+	return summary
 }

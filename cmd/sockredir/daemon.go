@@ -13,6 +13,9 @@ import (
 	"github.com/sockredir/sockredir/pkg/localaddr"
 )
 
+// maxBacklogUsage explains --max-backlog, which daemon and run share.
+const maxBacklogUsage = "redirected `bytes` a socket may have waiting before its connection goes on over TCP (0: four times the largest TCP receive buffer, net.ipv4.tcp_rmem)"
+
 func newDaemonCommand(log func() *zap.Logger) *cobra.Command {
 	var opts daemon.Options
 	cmd := &cobra.Command{
@@ -42,7 +45,7 @@ func newDaemonCommand(log func() *zap.Logger) *cobra.Command {
 	f.BoolVar(&opts.DownOnExit, "down-on-exit", false, "take the datapath down when the daemon exits, instead of leaving it pinned")
 	f.DurationVar(&opts.DrainTimeout, "drain-timeout", datapath.DefaultDrainTimeout, "with --down-on-exit: how long to wait for applications to read what was redirected to them")
 	f.DurationVar(&opts.Rescan, "rescan-interval", localaddr.DefaultRescan, "how often to look for network namespaces that joined or left the cgroup")
-	f.Uint64Var(&opts.MaxBacklog, "max-backlog", 0, "redirected `bytes` a socket may have waiting before its connection goes on over TCP (0: four times the largest TCP receive buffer, net.ipv4.tcp_rmem)")
+	f.Uint64Var(&opts.MaxBacklog, "max-backlog", 0, maxBacklogUsage)
 	f.DurationVar(&opts.CheckInterval, "check-interval", datapath.DefaultCheckInterval, "how often to check the accelerated sockets' backlogs, and release connections back on TCP")
 	return cmd
 }

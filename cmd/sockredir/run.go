@@ -40,6 +40,6 @@ func newRunCommand(log func() *zap.Logger) *cobra.Command {
 	cmd.Flags().SetInterspersed(false) // flags after COMMAND are the command's
 	cmd.Flags().Uint32Var(&opts.MapSize, "map-size", datapath.DefaultMapSize, "sockets the sockhash holds (two per connection)")
 	cmd.Flags().BoolVar(&opts.PassOnly, "pass-only", false, "pair sockets but send every message over TCP: measures what the hooks alone cost")
-	cmd.Flags().Uint64Var(&opts.MaxBacklog, "max-backlog", 0, "redirected `bytes` a socket may have waiting before its connection goes on over TCP (0: four times the largest TCP receive buffer, net.ipv4.tcp_rmem)")
+	cmd.Flags().Uint64Var(&opts.MaxBacklog, "max-backlog", 0, maxBacklogUsage)
 	return cmd
 }

@@ -18,10 +18,10 @@ import (
 // socketReport is one of sockredir's sockets, as the iter/tcp program
 // reports it: struct socket_report in bpf/inspect.c.
 type socketReport struct {
-	Key    sockopsSockKey
-	Unread uint64 // redirected bytes still queued; at least 1 if any
-	Mode   uint32 // how the socket sends: enum redirect_mode
-	_      uint32
+	Key     sockopsSockKey
+	Unread  uint64 // redirected bytes still queued; at least 1 if any
+	Mode    uint32 // how the socket sends: enum redirect_mode
+	Refused uint32 // 1 if it refused redirected bytes
 }
 
 // inspectSockets reports on sockredir's sockets in every network namespace

@@ -1,12 +1,12 @@
 package datapath
 
 import (
-	"bytes"
+	"cmp"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -130,7 +130,7 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		if r.Unread > m.maxBacklog {
 			res.OverBacklog++
 		}
-		release := settledWith(key, r, reports, m.refused)
+		release := settledWith(key, r, reports)
 		if len(release) == 0 {
 			continue
 		}
@@ -159,28 +159,20 @@ func (m *Maintainer) Check() (CheckResult, error) {
 // to release, if nothing will be redirected between the two again and
 // nothing redirected is left to read; only for the lower of the two keys, so
 // that each pair is handled once. A socket won't redirect again once it
-// passes, or once its peer refused (refused reports whether a socket did):
-// its next message finds the refusal. (A socket is never in the map without
-// its peer for longer than a handshake: sock_ops takes a client out again
-// when its server stays out.)
-func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport,
-	refused func(sockopsSockKey) bool) []sockopsSockKey {
+// passes, or once its peer refused: its next message finds the refusal. (A
+// socket is never in the map without its peer for longer than a handshake:
+// sock_ops takes a client out again when its server stays out.)
+func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
 	peer, ok := reports[peerKey]
-	if !ok || !keyLess(key, peerKey) || r.Unread != 0 || peer.Unread != 0 {
+	if !ok || !lowerOfPair(key) || r.Unread != 0 || peer.Unread != 0 {
 		return nil
 	}
-	if (r.Mode != modePass && !refused(peerKey)) || (peer.Mode != modePass && !refused(key)) {
+	if (r.Mode != modePass && peer.Refused == 0) || (peer.Mode != modePass && r.Refused == 0) {
 		return nil
 	}
 	return []sockopsSockKey{key, peerKey}
-}
-
-// refused reports whether the socket under key refused redirected bytes.
-func (m *Maintainer) refused(key sockopsSockKey) bool {
-	var why uint32
-	return m.maps["refusals"].Lookup(&key, &why) == nil
 }
 
 // Run checks every interval (0 means DefaultCheckInterval) until ctx is
@@ -250,9 +242,14 @@ func mirrorKey(k, m *sockopsSockKey) {
 	}
 }
 
-// keyLess orders keys, so that each pair is handled once, by its lower key.
-func keyLess(a, b sockopsSockKey) bool {
-	ab, _ := binary.Append(nil, binary.NativeEndian, a)
-	bb, _ := binary.Append(nil, binary.NativeEndian, b)
-	return bytes.Compare(ab, bb) < 0
+// lowerOfPair reports whether k sorts before the key of its peer, so that
+// each pair is handled once.
+func lowerOfPair(k sockopsSockKey) bool {
+	if c := cmp.Compare(k.LocalSeq, k.RemoteSeq); c != 0 {
+		return c < 0
+	}
+	if c := cmp.Compare(k.LocalPort, k.RemotePort); c != 0 {
+		return c < 0
+	}
+	return slices.Compare(k.LocalIp[:], k.RemoteIp[:]) < 0
 }

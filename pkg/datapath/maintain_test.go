@@ -13,11 +13,11 @@ func TestSettledWith(t *testing.T) {
 		t.Fatalf("mirror of %+v: %+v", a, b)
 	}
 	lower, higher := a, b
-	if !keyLess(a, b) {
+	if !lowerOfPair(a) {
 		lower, higher = b, a
 	}
-	if keyLess(higher, lower) == keyLess(lower, higher) {
-		t.Fatal("keyLess is not an order")
+	if lowerOfPair(higher) == lowerOfPair(lower) {
+		t.Fatal("lowerOfPair names both or neither of a pair")
 	}
 	passed := socketReport{Mode: modePass}
 	var none sockopsSockKey
@@ -36,7 +36,14 @@ func TestSettledWith(t *testing.T) {
 		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, none, 0},
 		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, none, 0},
 	} {
-		if got := settledWith(c.key, c.reports[c.key], c.reports, func(k sockopsSockKey) bool { return k == c.refused }); len(got) != c.want {
+		reports := map[sockopsSockKey]socketReport{}
+		for k, r := range c.reports {
+			if k == c.refused {
+				r.Refused = 1
+			}
+			reports[k] = r
+		}
+		if got := settledWith(c.key, reports[c.key], reports); len(got) != c.want {
 			t.Errorf("%s: released %d sockets, want %d", c.name, len(got), c.want)
 		}
 	}
