@@ -15,17 +15,27 @@ static __always_inline int nothing_sent_over_tcp(struct bpf_sock *sk, struct soc
 	return tp && tp->write_seq == st->peer.remote_seq;
 }
 
-/* Leaves a socket on the normal path for good. Its peer, if it hasn't paired
- * yet, finds no pending entry and stays out of sock_hash. (A sk_msg program
- * may not delete from a sockhash, so this socket stays there until it closes;
- * nothing is ever redirected to it.) */
-static __always_inline void decline(struct sock_state *st)
+/* A client whose server hasn't paired yet withdraws from the pair: the
+ * server, at the end of its handshake, then stays out of sock_hash and takes
+ * this socket out too (sockops.c, pair_passive). Returns 0 if the server has
+ * paired already (or its handshake is over): it is in sock_hash, or gone. */
+static __always_inline int withdraw(struct sock_state *st)
 {
 	struct sock_key own;
+	__u32 *stage;
 
-	st->mode = MODE_PASS;
 	mirror_key(&st->peer, &own);
-	bpf_map_delete_elem(&pending, &own);
+	stage = bpf_map_lookup_elem(&pending, &own);
+	return stage && __sync_val_compare_and_swap(stage, PENDING_CLIENT, PENDING_DECLINED) == PENDING_CLIENT;
+}
+
+/* Leaves a socket on the normal path for good. (A sk_msg program may not
+ * delete from a sockhash, so unless its peer's handshake takes it out, this
+ * socket stays there until it closes; nothing is ever redirected to it.) */
+static __always_inline void decline(struct sock_state *st)
+{
+	withdraw(st);
+	st->mode = MODE_PASS;
 	count(COUNTER_PAIRS_DECLINED, 1);
 }
 
@@ -39,6 +49,16 @@ static __always_inline int peer_refuses(struct sock_state *st)
 		return 0;
 	st->seen_refusals = *gen;
 	return bpf_map_lookup_elem(&refusals, &st->peer) != 0;
+}
+
+/* Redirects a socket's first message. A client that finds no peer in
+ * sock_hash may have overtaken its server's handshake: it withdraws, unless
+ * the server paired meanwhile, in which case the server is there now. */
+static __always_inline int redirect_first(struct sk_msg_md *msg, struct sock_state *st)
+{
+	if (bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) == SK_PASS)
+		return 1;
+	return !withdraw(st) && bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) == SK_PASS;
 }
 
 SEC("sk_msg")
@@ -65,10 +85,8 @@ int sockredir_redirect(struct sk_msg_md *msg)
 			st->mode = MODE_PASS;
 			goto pass;
 		}
-		/* The peer is gone or was never inserted, or this side already
-		 * used TCP: stay on TCP. */
 		if (!settings->redirect_enabled || !nothing_sent_over_tcp(sk, st) ||
-		    bpf_msg_redirect_hash(msg, &sock_hash, &st->peer, BPF_F_INGRESS) != SK_PASS) {
+		    !redirect_first(msg, st)) {
 			decline(st);
 			goto pass;
 		}

@@ -12,7 +12,8 @@
  *      there, inserts itself and records its full key (PENDING_CLIENT);
  *   3. the server, at PASSIVE_ESTABLISHED, inserts itself only if the client
  *      recorded the key that the two initial sequence numbers make, which
- *      only the real peer can produce.
+ *      only the real peer can produce, and hasn't withdrawn (a client may
+ *      send before this callback; see pair_passive).
  */
 #include "sockredir.h"
 #include "kernel.h"
@@ -241,12 +242,11 @@ static __always_inline void tune(struct bpf_sock_ops *skops, struct settings *s)
  * set SO_RCVLOWAT before it was connected, or its server port refused before
  * (refuse). Such a connection stays on TCP, both of its sockets out
  * of sock_hash. */
-static __always_inline int refuses_from_start(struct bpf_sock *sk, struct sock_key *k, int passive)
+static __always_inline int refuses_from_start(struct tcp_sock *tp, struct sock_key *k, int passive)
 {
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	struct port_key port = { .netns = k->netns, .port = k->local_port };
 
-	if (!tp || BPF_CORE_READ((struct sock *)tp, sk_rcvlowat) > 1 ||
+	if (BPF_CORE_READ((struct sock *)tp, sk_rcvlowat) > 1 ||
 	    (passive && bpf_map_lookup_elem(&refusing_ports, &port))) {
 		count(COUNTER_INBOUND_REFUSED, 1);
 		return 1;
@@ -276,7 +276,6 @@ static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_ke
 		count(COUNTER_ADD_FAILURES, 1);
 		return 0;
 	}
-	count(COUNTER_SOCKETS_ADDED, 1);
 	return 1;
 }
 
@@ -297,16 +296,23 @@ static __always_inline void note_handshake(struct bpf_sock_ops *skops)
  * a signal): tcp_bpf_recvmsg waits only once, on every kernel. So a client
  * that connected with a blocking socket is left on plain TCP unless the
  * policy accepts that risk. */
-static __always_inline int is_blocking(struct bpf_sock *sk)
+static __always_inline int is_blocking(struct tcp_sock *tp)
 {
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	return !(BPF_CORE_READ((struct sock *)tp, sk_socket, file, f_flags) & O_NONBLOCK);
+}
 
-	return !tp || !(BPF_CORE_READ((struct sock *)tp, sk_socket, file, f_flags) & O_NONBLOCK);
+/* The socket of an ESTABLISHED callback as a tcp_sock, for the reads of
+ * kernel fields that decide whether it may be paired. */
+static __always_inline struct tcp_sock *tcp_sock_of(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	return sk ? bpf_skc_to_tcp_sock(sk) : 0;
 }
 
 static __always_inline void add_active(struct bpf_sock_ops *skops, struct settings *s)
 {
-	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp = tcp_sock_of(skops);
 	struct sock_key k, server;
 	__u32 stage = PENDING_CLIENT;
 
@@ -322,23 +328,46 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 		count(COUNTER_POLICY_SKIPPED, 1);
 		return;
 	}
-	if (!sk || (!(s->policy & POLICY_ACCELERATE_BLOCKING) && is_blocking(sk))) {
+	if (!tp || (!(s->policy & POLICY_ACCELERATE_BLOCKING) && is_blocking(tp))) {
 		count(COUNTER_BLOCKING_SKIPPED, 1);
 		return;
 	}
-	if (refuses_from_start(sk, &k, 0))
+	if (refuses_from_start(tp, &k, 0))
 		return;
 
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;
-	if (add_socket(skops, &k, 0))
+	if (add_socket(skops, &k, 0)) {
+		count(COUNTER_SOCKETS_ADDED, 1);
 		bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
+	}
+}
+
+/* The server's half of the pairing, given the client's pending entry. The
+ * server inserts itself and then claims the entry; a client whose first
+ * message finds no server claims it the other way (redirect.c, withdraw). So
+ * either that client finds the server in sock_hash when it looks again, or
+ * the server finds the withdrawal and leaves before its application can have
+ * used the socket: never both in the map with the client on TCP. */
+static __always_inline int pair_passive(struct bpf_sock_ops *skops, struct sock_key *k, __u32 *stage)
+{
+	struct tcp_sock *tp = tcp_sock_of(skops);
+
+	if (*stage != PENDING_CLIENT || !tp || refuses_from_start(tp, k, 1) ||
+	    !add_socket(skops, k, SOCK_PASSIVE))
+		return 0;
+	if (__sync_val_compare_and_swap(stage, PENDING_CLIENT, PENDING_PAIRED) == PENDING_CLIENT)
+		return 1;
+	bpf_map_delete_elem(&sock_hash, k);
+	if (skops->sk)
+		bpf_sk_storage_delete(&sock_states, skops->sk);
+	return 0;
 }
 
 static __always_inline void add_passive(struct bpf_sock_ops *skops)
 {
-	struct bpf_sock *sk = skops->sk;
 	struct sock_key k, client;
+	__u32 *stage;
 
 	key_from_ops(skops, &k);
 	if (!remote_is_local(&k))
@@ -346,15 +375,18 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;
 	mirror_key(&k, &client);
-	/* Whenever this side stays out, the client, if it is in, leaves again:
-	 * alone in the map it would get its bytes over TCP through tcp_bpf,
-	 * which answers FIONREAD wrongly for them on some kernels. Nothing was
-	 * redirected to it, since this side was never in the map. Its pending
-	 * entry is gone either because this takes it now or because it
-	 * declined at its first message (it sent before this callback). */
-	if (!take_pending(&client, PENDING_CLIENT) || !sk || refuses_from_start(sk, &k, 1) ||
-	    !add_socket(skops, &k, SOCK_PASSIVE))
+	stage = bpf_map_lookup_elem(&pending, &client);
+	if (stage && pair_passive(skops, &k, stage))
+		count(COUNTER_SOCKETS_ADDED, 1);
+	else
+		/* Whenever this side stays out, the client, if it is in,
+		 * leaves again: alone in the map it would get its bytes over
+		 * TCP through tcp_bpf, which answers FIONREAD wrongly for them
+		 * on some kernels. Nothing was redirected to it, since this
+		 * side's application has not had the socket yet. */
 		bpf_map_delete_elem(&sock_hash, &client);
+	if (stage)
+		bpf_map_delete_elem(&pending, &client);
 }
 
 SEC("sockops")

@@ -160,11 +160,15 @@ struct {
 enum pending_stage {
 	PENDING_SYN = 1,
 	PENDING_CLIENT = 2,
+	/* The client's entry after one of its two sockets settled the pair
+	 * (compare-and-swap, so that exactly one of them does): */
+	PENDING_PAIRED = 3,   /* the server is in sock_hash */
+	PENDING_DECLINED = 4, /* the client sent over TCP first */
 };
 
-/* Handshakes on their way to a pair (see sockops.c). The SYN stage's keys carry no sequence
- * numbers (they aren't known yet). LRU: a handshake that never completes
- * must not hold a slot for ever. */
+/* Handshakes on their way to a pair (see sockops.c). The SYN stage's keys
+ * carry no sequence numbers (they aren't known yet). LRU: a handshake that
+ * never completes must not hold a slot for ever. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);

@@ -172,7 +172,7 @@ func TestChurn(t *testing.T) {
 	e.Up(datapath.Config{})
 	for round := range 4 {
 		tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 4096, Seed: uint64(1000 * (round + 1)), Connections: 250,
-			EagerClient: true}
+			EagerClient: true, CheckFIONREAD: fionreadCountsRedirected(e)}
 		var res harness.TransferResult
 		e.Run(harness.Scenario{Transfer: &tr}, &res)
 		tr.Check(t, &res)

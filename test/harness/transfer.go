@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Transfer runs connections that each stream pseudo-random bytes both ways at
@@ -51,6 +53,10 @@ type Transfer struct {
 	// Otherwise a client starts once the server has accepted, so that a
 	// test of something else always gets an accelerated connection.
 	EagerClient bool `json:"eager_client,omitempty"`
+	// CheckFIONREAD: each side, once its first bytes are readable, asks
+	// FIONREAD, which must count them (only on kernels whose tcp_bpf
+	// counts redirected bytes: elsewhere asking refuses acceleration).
+	CheckFIONREAD bool `json:"check_fionread,omitempty"`
 }
 
 // Received is what one side of a connection read.
@@ -167,6 +173,11 @@ func (t *Transfer) exchange(c *net.TCPConn, n int64, seed uint64, readDelay time
 	writeErr := make(chan error, 1)
 	go func() { writeErr <- writeStream(c, n, seed, t.HoldOpen) }()
 	time.Sleep(readDelay)
+	if t.CheckFIONREAD {
+		if err := fionreadCountsFirstBytes(c); err != nil {
+			return Received{}, errors.Join(err, <-writeErr)
+		}
+	}
 	got, err := readAll(c, seed, t.ReadPause)
 	return got, errors.Join(err, <-writeErr)
 }
@@ -221,6 +232,35 @@ func readAll(c *net.TCPConn, seed uint64, pause time.Duration) (Received, error)
 			return Received{}, fmt.Errorf("read after %d bytes: %w", total, err)
 		}
 	}
+}
+
+// fionreadCountsFirstBytes waits until c has bytes to read (or its EOF) and
+// fails unless FIONREAD then counts them, as it does without acceleration.
+func fionreadCountsFirstBytes(c *net.TCPConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var checkErr error
+	err = raw.Read(func(fd uintptr) bool {
+		var b [1]byte
+		// Peek first: bytes seen can't go away before FIONREAD.
+		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if errors.Is(err, unix.EAGAIN) {
+			return false
+		}
+		if err != nil || n == 0 {
+			checkErr = err
+			return true
+		}
+		queued, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		if err == nil && queued < 1 {
+			err = fmt.Errorf("FIONREAD says %d with bytes readable", queued)
+		}
+		checkErr = err
+		return true
+	})
+	return errors.Join(err, checkErr)
 }
 
 func seedBytes(seed uint64) [32]byte {
