@@ -174,7 +174,7 @@ func (d *daemonProcess) scrape() map[string]float64 {
 		// dial from another goroutine, which may be on any thread.
 		conn, err := net.Dial("tcp", addr)
 		if err != nil {
-			return err
+			return fmt.Errorf("%w; the daemon's log:\n%s", err, d.log())
 		}
 		defer conn.Close()
 		fmt.Fprintf(conn, "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n", addr)
