@@ -144,19 +144,7 @@ func TestRunForwardsSignals(t *testing.T) {
 func TestRunAcceleratesOnlyTheCommand(t *testing.T) {
 	e := harness.New(t)
 	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 16 << 20, Seed: 500}
-	agent, err := harness.AgentEnv(harness.Scenario{Transfer: &tr})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := sockredirRun(t, e, []string{agent}, "--", os.Args[0], "-test.run=^$")
-	if r.code != 0 {
-		t.Fatalf("exit status %d:\n%s", r.code, r.stderr)
-	}
-	var res harness.TransferResult
-	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil {
-		t.Fatalf("agent result %q: %v", r.stdout, err)
-	}
-	tr.Check(t, &res)
+	res, r := runTransfer(t, e, tr)
 	if res.TCPOutSegs > handshakeSegments {
 		t.Errorf("the command sent %d TCP segments for %d bytes: its data took the TCP path", res.TCPOutSegs, 2*tr.Bytes)
 	}
@@ -180,12 +168,22 @@ func TestRunAcceleratesOnlyTheCommand(t *testing.T) {
 // back, and every byte arrives.
 func TestRunHoldsBackSlowReaders(t *testing.T) {
 	e := harness.New(t)
-	tr := slowReaderTransfer(501)
+	_, r := runTransfer(t, e, slowReaderTransfer(501), "--max-backlog", "4194304")
+	summary := runSummary(r.stderr)
+	if passed, _ := summary["bytes_passed"].(float64); passed == 0 {
+		t.Errorf("run's summary: %v, want bytes passed to TCP once the reader fell behind\n%s", summary, r.stderr)
+	}
+}
+
+// runTransfer runs tr as the command of `sockredir run` with flags, and
+// checks that it succeeded and that every byte arrived.
+func runTransfer(t *testing.T, e *harness.Env, tr harness.Transfer, flags ...string) (harness.TransferResult, runResult) {
+	t.Helper()
 	agent, err := harness.AgentEnv(harness.Scenario{Transfer: &tr})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := sockredirRun(t, e, []string{agent}, "--max-backlog", "4194304", "--", os.Args[0], "-test.run=^$")
+	r := sockredirRun(t, e, []string{agent}, append(flags, "--", os.Args[0], "-test.run=^$")...)
 	if r.code != 0 {
 		t.Fatalf("exit status %d:\n%s", r.code, r.stderr)
 	}
@@ -194,10 +192,7 @@ func TestRunHoldsBackSlowReaders(t *testing.T) {
 		t.Fatalf("agent result %q: %v", r.stdout, err)
 	}
 	tr.Check(t, &res)
-	summary := runSummary(r.stderr)
-	if passed, _ := summary["bytes_passed"].(float64); passed == 0 {
-		t.Errorf("run's summary: %v, want bytes passed to TCP once the reader fell behind\n%s", summary, r.stderr)
-	}
+	return res, r
 }
 
 // runSummary is the summary that `sockredir run` logs when it is done.
