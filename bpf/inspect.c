@@ -15,13 +15,30 @@
  *     sockops.c). sock_ops can't tell whether an accepted socket blocks, as
  *     it has no file yet, and a client may turn blocking after connecting;
  *     here the file is known. A blocking server's port is remembered, so its
- *     later connections stay on TCP from the start. */
+ *     later connections stay on TCP from the start;
+ *   - splice readers (see splicewatch.c): a socket that splices gets its
+ *     server port marked; one in `aborts` (datapath.Maintainer puts a splice
+ *     reader there whose redirected bytes nobody reads) has its connection
+ *     aborted, so that both applications get an error instead of waiting
+ *     forever for bytes that splice(2) can't see. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>
 
 /* Set by the loader; 0 only reports. */
 const volatile __u64 max_backlog = 0;
+
+/* Sockets to abort, by their own key; filled by the Maintainer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct sock_key);
+	__type(value, __u8);
+} aborts SEC(".maps");
+
+/* 6.5 and later (a weak kfunc: NULL where missing). Kernels without it
+ * have the splice guard, and never a socket to abort. */
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym __weak;
 
 /* Whether the socket's application has it in blocking mode; not known (0)
  * before accept(2) gives it a file, or after close(2). */
@@ -40,7 +57,7 @@ struct socket_report {
 	struct sock_key key;
 	__u64 unread; /* redirected bytes still queued (a lower bound on 6.1) */
 	__u32 mode;    /* enum redirect_mode */
-	__u32 refused; /* 1 if it refused redirected bytes (see refuse) */
+	__u32 refused; /* why it refused redirected bytes (enum refusal), or 0 */
 };
 
 /* Kernels without msg_tot_len (6.1) get the queue walked, this far. */
@@ -76,6 +93,7 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	struct tcp_sock *tp;
 	struct sk_psock *psock;
 	void *user_data;
+	__u32 *why;
 
 	if (!skc)
 		return 0;
@@ -99,8 +117,18 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 		else if (s && !(s->policy & POLICY_ACCELERATE_BLOCKING) && reads_blocking(tp))
 			refuse(st, REFUSED_BLOCKING);
 	}
+	/* The type check also keeps sock_common's BTF whole, not a bare
+	 * declaration: cilium/ebpf matches bpf_sock_destroy's argument with it. */
+	if (bpf_map_lookup_elem(&aborts, &r.key) && bpf_sock_destroy && bpf_core_type_exists(struct sock_common)) {
+		bpf_map_delete_elem(&aborts, &r.key);
+		bpf_sock_destroy(skc);
+		return 0;
+	}
 	r.mode = st->mode;
-	r.refused = bpf_map_lookup_elem(&refusals, &r.key) != 0;
+	why = bpf_map_lookup_elem(&refusals, &r.key);
+	r.refused = why ? *why : 0;
+	if (r.refused == REFUSED_SPLICE)
+		mark_server_port(st, &r.key, REFUSED_SPLICE); /* it may never send again */
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }

@@ -7,8 +7,31 @@
 
 #include <linux/types.h>
 
+struct inode {
+	unsigned short i_mode;
+} __attribute__((preserve_access_index));
+
 struct file {
 	unsigned int f_flags;
+	struct inode *f_inode;
+	void *private_data; /* a socket file's struct socket */
+} __attribute__((preserve_access_index));
+
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+/* A task's open files: fd[i] is the file of descriptor i. */
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+} __attribute__((preserve_access_index));
+
+struct files_struct {
+	struct fdtable *fdt;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	struct files_struct *files;
 } __attribute__((preserve_access_index));
 
 struct sock;
@@ -23,8 +46,6 @@ struct sock {
 	struct socket *sk_socket;
 	int sk_rcvlowat;
 } __attribute__((preserve_access_index));
-
-struct task_struct;
 
 /* The system call number, on the two architectures sockredir builds for:
  * CO-RE keeps whichever field the running kernel has. */
@@ -54,6 +75,22 @@ struct list_head {
 struct sk_psock {
 	struct list_head ingress_msg;
 	__u32 msg_tot_len;
+	struct list_head link; /* of sk_psock_link: the maps the socket is in */
+} __attribute__((preserve_access_index));
+
+struct bpf_map {
+	__u32 id;
+} __attribute__((preserve_access_index));
+
+struct sk_psock_link {
+	struct list_head list;
+	struct bpf_map *map;
+	void *link_raw; /* for a sockhash, the socket's bpf_shtab_elem */
+} __attribute__((preserve_access_index));
+
+/* A sockhash element: key holds the map's key for the socket. */
+struct bpf_shtab_elem {
+	__u8 key[0];
 } __attribute__((preserve_access_index));
 
 struct sk_msg_sg {
@@ -73,7 +110,9 @@ struct bpf_iter_meta {
 	void *seq;
 } __attribute__((preserve_access_index));
 
-struct sock_common;
+struct sock_common {
+	unsigned short skc_family;
+} __attribute__((preserve_access_index));
 
 /* Context of an iter/tcp program: one TCP socket of the namespace per call. */
 struct bpf_iter__tcp {

@@ -39,16 +39,29 @@ static __always_inline void decline(struct sock_state *st)
 	count(COUNTER_PAIRS_DECLINED, 1);
 }
 
-/* Whether the peer has refused redirected bytes (see refuse). Looks
- * only when some socket refused since this one last looked. */
-static __always_inline int peer_refuses(struct sock_state *st)
+/* Whether the connection is to go back to TCP: the peer refused redirected
+ * bytes (see refuse). A socket that splices (the splice watch) is the
+ * exception: bytes sent over TCP now would reach it ahead of those waiting in
+ * its psock queue, a hole in its stream, so its peer goes on redirecting (see
+ * splicewatch.c). When it is this socket that splices, its server port is
+ * marked here, where its state is at hand. Looks only when some socket
+ * refused since this one last looked. */
+static __always_inline int connection_refused(struct sock_state *st)
 {
-	__u32 *gen = get_refusal_gen();
+	__u32 *gen = get_refusal_gen(), *why;
+	struct sock_key own;
 
 	if (!gen || *gen == st->seen_refusals)
 		return 0;
 	st->seen_refusals = *gen;
-	return bpf_map_lookup_elem(&refusals, &st->peer) != 0;
+	why = bpf_map_lookup_elem(&refusals, &st->peer);
+	if (why)
+		return *why != REFUSED_SPLICE;
+	mirror_key(&st->peer, &own);
+	why = bpf_map_lookup_elem(&refusals, &own);
+	if (why && *why == REFUSED_SPLICE)
+		mark_server_port(st, &own, REFUSED_SPLICE);
+	return 0;
 }
 
 /* Redirects a socket's first message. A client that finds no peer in
@@ -73,7 +86,7 @@ int sockredir_redirect(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st || st->mode == MODE_PASS)
 		goto pass;
-	if (peer_refuses(st)) {
+	if (connection_refused(st)) {
 		if (st->mode == MODE_UNDECIDED)
 			decline(st);
 		else

@@ -68,6 +68,7 @@ enum refusal {
 	REFUSED_FIONREAD = 2, /* it asked FIONREAD, on a kernel whose tcp_bpf can't answer */
 	REFUSED_BACKLOG = 3,  /* its application fell behind (see inspect.c) */
 	REFUSED_BLOCKING = 4, /* its file is blocking (see inspect.c) */
+	REFUSED_SPLICE = 5,   /* it began to splice(2) from itself (see splicewatch.c) */
 };
 
 /* Indexes into the counters map; pkg/datapath names them. */
@@ -281,32 +282,54 @@ static __always_inline __u32 *get_refusal_gen(void)
 	return bpf_map_lookup_elem(&refusal_gen, &key);
 }
 
-/* Puts the connection of the socket with state st back on TCP, both ways:
- * its peer sends over TCP from its next message on (it finds the refusal),
- * and so does this socket. Once both queues are read, `sockredir daemon`
- * takes the two sockets out of sock_hash (datapath.Maintainer), and they are
- * plain TCP sockets again. A server socket that reads in a way tcp_bpf gets
- * wrong also marks its port, so that the service's next connections stay on
- * TCP from the start; a backlog is only this connection's. */
-static __always_inline void refuse(struct sock_state *st, __u32 why)
+/* Records that the socket with key own refuses redirected bytes, unless it
+ * did already; returns whether this is new. Senders notice at their next
+ * message, through refusal_gen. */
+static __always_inline int record_refusal(struct sock_key *own, __u32 why)
 {
-	struct sock_key own;
 	__u32 *gen;
 
-	st->mode = MODE_PASS;
-	mirror_key(&st->peer, &own);
-	if (bpf_map_lookup_elem(&refusals, &own))
-		return;
-	bpf_map_update_elem(&refusals, &own, &why, BPF_ANY);
-	if ((st->flags & SOCK_PASSIVE) && why != REFUSED_BACKLOG) {
-		struct port_key port = { .netns = own.netns, .port = own.local_port };
-
-		bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
-	}
+	if (bpf_map_lookup_elem(&refusals, own))
+		return 0;
+	bpf_map_update_elem(&refusals, own, &why, BPF_ANY);
 	gen = get_refusal_gen();
 	if (gen)
 		__sync_fetch_and_add(gen, 1);
 	count(COUNTER_INBOUND_REFUSED, 1);
+	return 1;
+}
+
+/* Marks the server port of a refusing socket's connection, so that the
+ * service's next connections stay on TCP from the start: a server's for
+ * every reason but a backlog (only this connection's), a client's when it
+ * splices (its server's next clients may be the same relay). */
+static __always_inline void mark_server_port(struct sock_state *st, struct sock_key *own, __u32 why)
+{
+	struct port_key port = { .netns = own->netns, .port = own->local_port };
+
+	if (!(st->flags & SOCK_PASSIVE)) {
+		if (why != REFUSED_SPLICE)
+			return;
+		port.port = own->remote_port;
+	} else if (why == REFUSED_BACKLOG) {
+		return;
+	}
+	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
+}
+
+/* Puts the connection of the socket with state st back on TCP, both ways:
+ * its peer sends over TCP from its next message on (it finds the refusal),
+ * and so does this socket. Once both queues are read, `sockredir daemon`
+ * takes the two sockets out of sock_hash (datapath.Maintainer), and they are
+ * plain TCP sockets again. */
+static __always_inline void refuse(struct sock_state *st, __u32 why)
+{
+	struct sock_key own;
+
+	st->mode = MODE_PASS;
+	mirror_key(&st->peer, &own);
+	if (record_refusal(&own, why))
+		mark_server_port(st, &own, why);
 }
 
 #endif /* __SOCKREDIR_H */

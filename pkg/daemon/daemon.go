@@ -139,10 +139,11 @@ func Run(ctx context.Context, opts Options) error {
 func (d *daemon) reportCheck(res datapath.CheckResult, err error) {
 	d.upkeep.Checks.Inc()
 	d.upkeep.Released.Add(float64(res.Released))
+	d.upkeep.Aborted.Add(float64(res.Aborted))
+	res.WarnAbout(d.log, err)
 	switch {
 	case err != nil:
 		d.upkeep.Failures.Inc()
-		d.log.Warn("checking the datapath's sockets", zap.Error(err))
 	case res.OverBacklog > 0 || res.Released > 0:
 		d.log.Debug("checked the datapath's sockets", zap.Int("over_backlog", res.OverBacklog),
 			zap.Int("released", res.Released))

@@ -8,3 +8,4 @@ package datapath
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem sockopt sockopt ../../bpf/sockopt.c -- -I../../bpf -I../../bpf/headers -Wall -Werror -mcpu=v3
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem inspect inspect ../../bpf/inspect.c -- -I../../bpf -I../../bpf/headers -Wall -Werror -mcpu=v3
 //go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem guard guard ../../bpf/guard.c -- -I../../bpf -I../../bpf/headers -Wall -Werror -mcpu=v3
+//go:generate go tool bpf2go -cc clang -target bpfel -go-package datapath -output-stem splicewatch splicewatch ../../bpf/splicewatch.c -- -I../../bpf -I../../bpf/headers -Wall -Werror -mcpu=v3

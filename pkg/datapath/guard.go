@@ -8,13 +8,16 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"go.uber.org/zap"
+
+	"github.com/sockredir/sockredir/pkg/hostfs"
 )
 
 // attachGuards attaches the BPF LSM programs of bpf/guard.c that this kernel
 // needs, replacing older ones: the splice guard everywhere, the FIONREAD
 // guard where FIONREAD ignores redirected bytes. Kernels without BPF LSM, or
-// that refuse trampoline programs, can't have them: that is logged, and
-// `status` says so, but it doesn't stop `up`.
+// that refuse trampoline programs, can't have them: they get the splice
+// watch instead. That is logged, and `status` says so, but it doesn't stop
+// `up`.
 func attachGuards(p pins, maps map[string]*ebpf.Map, log *zap.Logger) error {
 	rules, err := ProbeKernel()
 	if err != nil {
@@ -26,14 +29,14 @@ func attachGuards(p pins, maps map[string]*ebpf.Map, log *zap.Logger) error {
 	}
 	var objs guardObjects
 	if err := loadWithMaps(spec, &objs, maps); err != nil {
-		log.Warn("this kernel refuses the BPF LSM guards: splice(2) readers of accelerated sockets "+
-			"are not protected (see docs/correctness.md)", zap.Error(verifierError(err)))
+		log.Warn("this kernel refuses the BPF LSM guards", zap.Error(verifierError(err)))
+		watchSplice(p, maps, log)
 		return nil
 	}
 	defer objs.Close()
 	if err := attachLSM(p, pinGuardLink, objs.SockredirSpliceGuard); err != nil {
-		log.Warn("splice(2) readers of accelerated sockets are not protected: "+
-			"the splice guard could not be attached (see docs/correctness.md)", zap.Error(err))
+		log.Warn("the splice guard could not be attached", zap.Error(err))
+		watchSplice(p, maps, log)
 	}
 	if rules.FIONREADCountsRedirected {
 		return nil
@@ -45,13 +48,72 @@ func attachGuards(p pins, maps map[string]*ebpf.Map, log *zap.Logger) error {
 	return nil
 }
 
-// attachLSM attaches prog and pins its link as name; an older link there goes
-// only once the new one is in place.
+// watchSplice attaches the splice watch (bpf/splicewatch.c) where the
+// splice guard can't be: once a socket splices, its server port's next
+// connections stay on TCP. Its own connection can't be saved; the upkeep
+// (daemon, run) aborts it.
+func watchSplice(p pins, maps map[string]*ebpf.Map, log *zap.Logger) {
+	if err := attachSpliceWatch(p, maps); err != nil {
+		log.Warn("splice(2) readers of accelerated sockets are not protected: "+
+			"the splice watch could not be attached either (see docs/correctness.md)", zap.Error(err))
+		return
+	}
+	log.Warn("splice(2) readers are only watched on this kernel: once a socket splices, its server port's next " +
+		"connections stay on TCP, but that connection loses what is redirected to it (the daemon aborts it " +
+		"after a second); exclude such ports (see docs/correctness.md)")
+}
+
+func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
+	if err := hostfs.EnsureTracefs(); err != nil {
+		return err
+	}
+	spec, err := loadSplicewatch()
+	if err != nil {
+		return err
+	}
+	info, err := maps["sock_hash"].Info()
+	if err != nil {
+		return err
+	}
+	id, _ := info.ID()
+	if err := spec.Variables["sock_hash_id"].Set(uint32(id)); err != nil {
+		return err
+	}
+	var objs splicewatchObjects
+	if err := loadWithMaps(spec, &objs, maps); err != nil {
+		return verifierError(err)
+	}
+	defer objs.Close()
+	for _, w := range []struct {
+		pin, event string
+		prog       *ebpf.Program
+	}{
+		{pinSpliceWatchLink, "sys_enter_splice", objs.SockredirSpliceWatch},
+		{pinSendfileWatchLink, "sys_enter_sendfile64", objs.SockredirSendfileWatch},
+	} {
+		l, err := link.Tracepoint("syscalls", w.event, w.prog, nil)
+		if err != nil {
+			return fmt.Errorf("attaching to syscalls:%s: %w", w.event, err)
+		}
+		if err := pinReplacing(p, w.pin, l); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// attachLSM attaches prog and pins its link as name.
 func attachLSM(p pins, name string, prog *ebpf.Program) error {
 	l, err := link.AttachLSM(link.LSMOptions{Program: prog})
 	if err != nil {
 		return err
 	}
+	return pinReplacing(p, name, l)
+}
+
+// pinReplacing pins l as name and closes it; an older link there goes only
+// once the new one is in place.
+func pinReplacing(p pins, name string, l link.Link) error {
 	defer l.Close()
 	if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err

@@ -21,7 +21,7 @@ type socketReport struct {
 	Key     sockopsSockKey
 	Unread  uint64 // redirected bytes still queued; at least 1 if any
 	Mode    uint32 // how the socket sends: enum redirect_mode
-	Refused uint32 // 1 if it refused redirected bytes
+	Refused uint32 // why it refused redirected bytes (enum refusal), 0 if it didn't
 }
 
 // inspectSockets reports on sockredir's sockets in every network namespace

@@ -54,6 +54,7 @@ type inspectSockState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	inspectMapAborts            = "aborts"
 	inspectMapCounters          = "counters"
 	inspectMapLocalAddrs        = "local_addrs"
 	inspectMapPending           = "pending"
@@ -116,6 +117,7 @@ type inspectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type inspectMapSpecs struct {
+	Aborts        *ebpf.MapSpec `ebpf:"aborts"`
 	Counters      *ebpf.MapSpec `ebpf:"counters"`
 	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
 	Pending       *ebpf.MapSpec `ebpf:"pending"`
@@ -154,6 +156,7 @@ func (o *inspectObjects) Close() error {
 //
 // It can be passed to loadInspectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type inspectMaps struct {
+	Aborts        *ebpf.Map `ebpf:"aborts"`
 	Counters      *ebpf.Map `ebpf:"counters"`
 	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
 	Pending       *ebpf.Map `ebpf:"pending"`
@@ -167,6 +170,7 @@ type inspectMaps struct {
 
 func (m *inspectMaps) Close() error {
 	return _InspectClose(
+		m.Aborts,
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,

@@ -13,6 +13,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
+	"go.uber.org/zap"
 
 	"github.com/sockredir/sockredir/pkg/localaddr"
 )
@@ -28,6 +29,14 @@ const DefaultCheckInterval = 100 * time.Millisecond
 // kernel drops the sender's lock while it delivers), and releasing its
 // receiver under it would fail that write.
 const settleTime = 100 * time.Millisecond
+
+// abandonTime is how long a splice reader's redirected bytes may go unread
+// before its connection is aborted: splice(2) can't read them, but an
+// application that also reads with recv(2) would.
+const abandonTime = time.Second
+
+// refusedSplice is REFUSED_SPLICE of enum refusal (bpf/sockredir.h).
+const refusedSplice = 5
 
 // namespaceRefresh is how often a Maintainer looks for network namespaces
 // that came or went in the cgroup.
@@ -51,6 +60,14 @@ const modePass = 2
 //     for TCP bytes on some kernels. Once neither of its sockets will
 //     redirect again and neither has redirected bytes left to read, for at
 //     least settleTime, they leave sock_hash and are plain TCP sockets again.
+//   - Abandoned bytes. Where the splice guard can't load, the splice watch
+//     notices a socket that starts to splice(2), and its server port stays
+//     on TCP from then on. Its own connection can't be saved: splice can't
+//     read what is redirected to it, and switching its peer to TCP would
+//     leave a hole. Left alone, it would wait forever; once its queue has
+//     gone unread for abandonTime, it is aborted instead (ECONNABORTED for
+//     the splice reader, a reset for its peer), which applications handle
+//     like any broken connection.
 //
 // It is not safe for concurrent use.
 type Maintainer struct {
@@ -62,6 +79,14 @@ type Maintainer struct {
 	namespaces []netns.NsHandle
 	listed     time.Time
 	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
+	abandoned  map[sockopsSockKey]unreadSince
+	aborting   []sockopsSockKey // in the inspector's aborts since the last check
+}
+
+// unreadSince is a queue that nobody reads: its size, and since when.
+type unreadSince struct {
+	unread uint64
+	since  time.Time
 }
 
 // MaxBacklog is the most redirected bytes a socket may have waiting.
@@ -71,6 +96,7 @@ func (m *Maintainer) MaxBacklog() uint64 { return m.maxBacklog }
 type CheckResult struct {
 	OverBacklog int // sockets over the backlog limit: their connections went back to TCP
 	Released    int // sockets taken out of sock_hash, back to plain TCP
+	Aborted     int // connections aborted: their splice reader can't read what was redirected to it
 }
 
 // NewMaintainer prepares checks of the datapath pinned in pinDir
@@ -106,7 +132,7 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 		return nil, err
 	}
 	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, cgroup: meta.cgroup(), maps: maps, inspector: in,
-		settled: map[sockopsSockKey]time.Time{}}, nil
+		settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{}}, nil
 }
 
 // Check runs once over the cgroup's sockets.
@@ -152,16 +178,64 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		}
 	}
 	m.settled = settledNow
-	return res, nil
+	aborted, err := m.abortAbandoned(reports, now)
+	res.Aborted = aborted
+	return res, err
+}
+
+// abortAbandoned marks for abortion, at the next check, the sockets that
+// abandonedQueues finds; it returns how many it marked. Marks the last check
+// left are gone: their sockets were aborted or closed.
+func (m *Maintainer) abortAbandoned(reports map[sockopsSockKey]socketReport, now time.Time) (int, error) {
+	for _, key := range m.aborting {
+		if err := m.inspector.objs.Aborts.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return 0, fmt.Errorf("clearing the connections to abort: %w", err)
+		}
+	}
+	m.abandoned, m.aborting = abandonedQueues(m.abandoned, reports, now)
+	for i, key := range m.aborting {
+		if err := m.inspector.objs.Aborts.Put(&key, uint8(1)); err != nil {
+			return i, fmt.Errorf("marking a connection to abort: %w", err)
+		}
+	}
+	return len(m.aborting), nil
+}
+
+// abandonedQueues returns the sockets that splice and whose redirected
+// bytes have not been read for abandonTime (abandoned), and how long the
+// others with bytes waiting have gone unread (watched, for the next call).
+func abandonedQueues(watched map[sockopsSockKey]unreadSince, reports map[sockopsSockKey]socketReport,
+	now time.Time) (stillWatched map[sockopsSockKey]unreadSince, abandoned []sockopsSockKey) {
+	stillWatched = map[sockopsSockKey]unreadSince{}
+	for key, r := range reports {
+		if r.Refused != refusedSplice || r.Unread == 0 {
+			continue
+		}
+		// The queue may still grow, as its peer goes on redirecting;
+		// any shrinking means someone reads it.
+		was, seen := watched[key]
+		if !seen || r.Unread < was.unread {
+			was.since = now
+		}
+		was.unread = r.Unread
+		if now.Sub(was.since) < abandonTime {
+			stillWatched[key] = was
+			continue
+		}
+		abandoned = append(abandoned, key)
+	}
+	return stillWatched, abandoned
 }
 
 // settledWith returns the pair of the socket under key (its own report r)
 // to release, if nothing will be redirected between the two again and
 // nothing redirected is left to read; only for the lower of the two keys, so
 // that each pair is handled once. A socket won't redirect again once it
-// passes, or once its peer refused: its next message finds the refusal. (A
-// socket is never in the map without its peer for longer than a handshake:
-// sock_ops takes a client out again when its server stays out.)
+// passes, or once either socket refused: its next message finds the
+// refusal. A socket that splices is no refusal: its peer goes on redirecting
+// to it (see bpf/splicewatch.c). (A socket is never in the map without its
+// peer for longer than a handshake: sock_ops takes a client out again when
+// its server stays out.)
 func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
@@ -169,10 +243,24 @@ func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]
 	if !ok || !lowerOfPair(key) || r.Unread != 0 || peer.Unread != 0 {
 		return nil
 	}
-	if (r.Mode != modePass && peer.Refused == 0) || (peer.Mode != modePass && r.Refused == 0) {
+	refused := func(r socketReport) bool { return r.Refused != 0 && r.Refused != refusedSplice }
+	if !refused(r) && !refused(peer) && (r.Mode != modePass || peer.Mode != modePass) {
 		return nil
 	}
 	return []sockopsSockKey{key, peerKey}
+}
+
+// WarnAbout logs what a check did that needs people's attention: its error,
+// and connections it aborted.
+func (res CheckResult) WarnAbout(log *zap.Logger, err error) {
+	if err != nil {
+		log.Warn("checking the accelerated sockets", zap.Error(err))
+	}
+	if res.Aborted > 0 {
+		log.Warn("aborted connections whose reader splices(2): it can't read what is redirected to it; "+
+			"their server ports stay on TCP from now on (see docs/correctness.md)",
+			zap.Int("connections", res.Aborted))
+	}
 }
 
 // Run checks every interval (0 means DefaultCheckInterval) until ctx is

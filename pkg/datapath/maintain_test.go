@@ -1,6 +1,10 @@
 package datapath
 
-import "testing"
+import (
+	"slices"
+	"testing"
+	"time"
+)
 
 // A pair is released once, by its lower key, and only when both of its
 // sockets send over TCP and have nothing redirected left to read.
@@ -32,19 +36,50 @@ func TestSettledWith(t *testing.T) {
 		{"asked by the higher key", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, higher, none, 0},
 		{"peer still redirects", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, none, 0},
 		{"peer redirects, but to a refusal", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, lower, 2},
-		{"the refusal is the other way", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, higher, 0},
+		// A refusal recorded from outside (the inspector) is found by
+		// the socket's next message, which then passes.
+		{"the redirecting socket refused itself", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, higher, 2},
+		{"the peer redirects to a splice reader", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Refused: refusedSplice}, higher: {Mode: 1}}, lower, none, 0},
+		{"both redirect, neither refused", map[sockopsSockKey]socketReport{lower: {Mode: 1}, higher: {Mode: 1}}, lower, none, 0},
 		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, none, 0},
 		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, none, 0},
 	} {
 		reports := map[sockopsSockKey]socketReport{}
 		for k, r := range c.reports {
 			if k == c.refused {
-				r.Refused = 1
+				r.Refused = 3 // REFUSED_BACKLOG
 			}
 			reports[k] = r
 		}
 		if got := settledWith(c.key, reports[c.key], reports); len(got) != c.want {
 			t.Errorf("%s: released %d sockets, want %d", c.name, len(got), c.want)
 		}
+	}
+}
+
+// A splice reader's queue is abandoned once it has gone unread for
+// abandonTime, even as it grows; a queue that shrank, or a socket that
+// refused for another reason, is not.
+func TestAbandonedQueues(t *testing.T) {
+	splicer, reader, lowat := sockopsSockKey{LocalPort: 1}, sockopsSockKey{LocalPort: 2}, sockopsSockKey{LocalPort: 3}
+	start := time.Now()
+	reports := func(readerUnread uint64) map[sockopsSockKey]socketReport {
+		return map[sockopsSockKey]socketReport{
+			splicer: {Unread: 200 - readerUnread, Refused: refusedSplice}, // grows
+			reader:  {Unread: readerUnread, Refused: refusedSplice},
+			lowat:   {Unread: 100, Refused: 1},
+		}
+	}
+	watched, abandoned := abandonedQueues(nil, reports(100), start)
+	if len(abandoned) != 0 || len(watched) != 2 {
+		t.Fatalf("at once: abandoned %v, watching %v; want none, and the two splice readers", abandoned, watched)
+	}
+	// The reader read some of its queue meanwhile.
+	watched, abandoned = abandonedQueues(watched, reports(50), start.Add(abandonTime))
+	if !slices.Equal(abandoned, []sockopsSockKey{splicer}) {
+		t.Fatalf("after %v: abandoned %v, want only the splice reader that read nothing", abandonTime, abandoned)
+	}
+	if _, ok := watched[reader]; !ok || len(watched) != 1 {
+		t.Fatalf("after %v: watching %v, want the reader that read", abandonTime, watched)
 	}
 }

@@ -20,10 +20,13 @@ const (
 	pinSockoptLink  = "link_setsockopt"
 	pinGuardLink    = "link_splice_guard"
 	pinFIONREADLink = "link_fionread_guard"
-	pinSockopsProg  = "prog_sockops"
-	pinRedirectProg = "prog_redirect"
-	pinSockoptProg  = "prog_setsockopt"
-	pinMeta         = "meta"
+	// The splice watch, where the splice guard can't be attached.
+	pinSpliceWatchLink   = "link_splice_watch"
+	pinSendfileWatchLink = "link_sendfile_watch"
+	pinSockopsProg       = "prog_sockops"
+	pinRedirectProg      = "prog_redirect"
+	pinSockoptProg       = "prog_setsockopt"
+	pinMeta              = "meta"
 )
 
 // mapNames are the maps that outlive the loader, pinned under their own names.
@@ -35,7 +38,7 @@ var metaMagic = [8]byte{'s', 'o', 'c', 'k', 'r', 'e', 'd', 'r'}
 
 // ABIVersion names the layout of the pinned maps. An upgrade in place reuses
 // them, so it is possible only between builds with the same ABIVersion.
-const ABIVersion = 3
+const ABIVersion = 4
 
 // metaRecord is the value of the pinned meta map: what `up` was asked to do,
 // for `status`, `down` and the next `up`.
@@ -156,7 +159,7 @@ func (p pins) loadProgram(name string) (*ebpf.Program, error) {
 func (p pins) removeAll() error {
 	var errs []error
 	for _, name := range append([]string{pinLink, pinSockoptLink, pinGuardLink, pinFIONREADLink,
-		pinSockopsProg, pinRedirectProg, pinSockoptProg, pinMeta}, mapNames...) {
+		pinSpliceWatchLink, pinSendfileWatchLink, pinSockopsProg, pinRedirectProg, pinSockoptProg, pinMeta}, mapNames...) {
 		if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

@@ -19,6 +19,11 @@ type Status struct {
 	// SpliceGuard says whether splice(2) reads of accelerated sockets are
 	// turned into EINVAL; without it a splice reader loses redirected bytes.
 	SpliceGuard bool `json:"splice_guard"`
+	// SpliceWatch says whether, without the guard, a socket that starts to
+	// splice puts its server port's next connections on TCP. Its own
+	// connection loses what is redirected to it; the upkeep (daemon, run)
+	// aborts it.
+	SpliceWatch bool `json:"splice_watch"`
 	// FIONREADGuard says whether a socket that asks FIONREAD takes its
 	// bytes over TCP from then on: attached where FIONREAD ignores
 	// redirected bytes.
@@ -44,7 +49,7 @@ type RefusingPort struct {
 }
 
 // refusalReasons names enum refusal of bpf/sockredir.h.
-var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD", 3: "backlog", 4: "blocking reads"}
+var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD", 3: "backlog", 4: "blocking reads", 5: "splice"}
 
 // Program is one pinned BPF program.
 type Program struct {
@@ -105,6 +110,7 @@ func ReadStatus(pinDir string) (Status, error) {
 	}
 	st.Up = p.has(pinLink)
 	st.SpliceGuard = p.has(pinGuardLink)
+	st.SpliceWatch = p.has(pinSpliceWatchLink)
 	st.FIONREADGuard = p.has(pinFIONREADLink)
 	st.Cgroup = meta.cgroup()
 	st.MapSize = meta.MapSize
@@ -188,6 +194,17 @@ func readCounters(m *ebpf.Map) (Counters, error) {
 	return c, nil
 }
 
+func (s Status) spliceProtection() string {
+	switch {
+	case s.SpliceGuard:
+		return "on"
+	case s.SpliceWatch:
+		return "unavailable on this kernel; the splice watch puts a server port on TCP once one of its sockets splices, " +
+			"but that connection loses what is redirected to it (the daemon aborts it)"
+	}
+	return "unavailable on this kernel: splice(2) readers of accelerated sockets lose data"
+}
+
 // WriteText prints the status for people.
 func (s Status) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -217,14 +234,14 @@ func (s Status) WriteText(w io.Writer) error {
 		{"cgroup", s.Cgroup},
 		{"pin directory", s.PinDir},
 		{"FIONREAD", fionread},
-		{"splice guard", map[bool]string{true: "on", false: "unavailable on this kernel: splice(2) readers of accelerated sockets lose data"}[s.SpliceGuard]},
+		{"splice guard", s.spliceProtection()},
 		{"sockets in map", fmt.Sprintf("%d of %d (%d may hold unread redirected data)", s.Sockets, s.MapSize, s.UnreadSockets)},
 		{"sockets added", fmt.Sprint(c.SocketsAdded)},
 		{"add failures", fmt.Sprint(c.AddFailures)},
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
 		{"blocking clients left on TCP", fmt.Sprint(c.BlockingSkipped)},
 		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
-		{"back on TCP for their reader", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog)", c.InboundRefused)},
+		{"back on TCP for their reader", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog, blocking reads, splice)", c.InboundRefused)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {

@@ -351,9 +351,11 @@ func checkSpliceGuard() Check {
 	if err != nil {
 		c.Status = Warn
 		c.Detail = fmt.Sprintf("refused (%v): applications that read accelerated sockets with splice(2) "+
-			"(Go's io.Copy between TCP connections, haproxy, ztunnel) would receive none of the redirected bytes", err)
+			"(Go's io.Copy between TCP connections, haproxy, ztunnel) can't read the redirected bytes. "+
+			"The splice watch puts a port on TCP once it has seen a splice there, but that first connection "+
+			"loses what is redirected to it", err)
 		c.Remedy = "boot with bpf in the lsm= list (cat /sys/kernel/security/lsm) on a kernel that allows trampoline programs; " +
-			"until then, leave applications that splice out of the accelerated cgroup"
+			"until then, exclude the ports of applications that splice (redirect.exclude_ports)"
 	}
 	return c
 }

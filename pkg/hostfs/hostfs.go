@@ -1,6 +1,7 @@
 // Package hostfs finds the host filesystems sockredir works with: the cgroup
-// v2 hierarchy (whose mount point differs between hosts) and the BPF
-// filesystem that holds pinned objects (which may not be mounted yet).
+// v2 hierarchy (whose mount point differs between hosts), the BPF
+// filesystem that holds pinned objects and the tracing filesystem that
+// tracepoints are attached through (either may not be mounted yet).
 package hostfs
 
 import (
@@ -18,9 +19,36 @@ import (
 // DefaultBPFFS is where the BPF filesystem is mounted by convention.
 const DefaultBPFFS = "/sys/fs/bpf"
 
+// DefaultTracefs is where the tracing filesystem is mounted by convention.
+const DefaultTracefs = "/sys/kernel/tracing"
+
 // CgroupV2Mount returns the mount point of the cgroup v2 hierarchy:
 // /sys/fs/cgroup on most hosts, /sys/fs/cgroup/unified on hybrid ones.
 func CgroupV2Mount() (string, error) {
+	point, err := mountOf("cgroup2")
+	if err != nil || point != "" {
+		return point, err
+	}
+	return "", errors.New("no cgroup v2 hierarchy is mounted: sockredir attaches to a cgroup v2; " +
+		"mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1")
+}
+
+// EnsureTracefs mounts the tracing filesystem at its conventional place
+// unless one is mounted already (debugfs's tracing directory counts).
+func EnsureTracefs() error {
+	for _, fstype := range []string{"tracefs", "debugfs"} {
+		if point, err := mountOf(fstype); err != nil || point != "" {
+			return err
+		}
+	}
+	if err := unix.Mount("tracefs", DefaultTracefs, "tracefs", 0, ""); err != nil {
+		return fmt.Errorf("mounting the tracing filesystem at %s: %w", DefaultTracefs, err)
+	}
+	return nil
+}
+
+// mountOf returns where a filesystem of type fstype is mounted, "" if nowhere.
+func mountOf(fstype string) (string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return "", err
@@ -31,12 +59,11 @@ func CgroupV2Mount() (string, error) {
 		return "", err
 	}
 	for _, m := range mounts {
-		if m.fstype == "cgroup2" {
+		if m.fstype == fstype {
 			return m.point, nil
 		}
 	}
-	return "", errors.New("no cgroup v2 hierarchy is mounted: sockredir attaches to a cgroup v2; " +
-		"mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1")
+	return "", nil
 }
 
 // CheckCgroup reports whether path is a directory of the cgroup v2 hierarchy.

@@ -144,6 +144,7 @@ type Upkeep struct {
 	Checks   prometheus.Counter
 	Failures prometheus.Counter
 	Released prometheus.Counter
+	Aborted  prometheus.Counter
 }
 
 // NewUpkeep makes the upkeep's counters.
@@ -161,10 +162,15 @@ func NewUpkeep() *Upkeep {
 			Name: "sockredir_upkeep_released_sockets_total",
 			Help: "Sockets of connections back on TCP taken out of the sockhash: plain TCP sockets again.",
 		}),
+		Aborted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockredir_upkeep_aborted_connections_total",
+			Help: "Connections aborted because their reader splices(2) and can't read what is redirected to it " +
+				"(kernels without the splice guard).",
+		}),
 	}
 }
 
 // Collectors are the counters, to register.
 func (u *Upkeep) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{u.Checks, u.Failures, u.Released}
+	return []prometheus.Collector{u.Checks, u.Failures, u.Released, u.Aborted}
 }

@@ -92,11 +92,7 @@ func Run(opts Options) (int, error) {
 	upkeepDone := make(chan struct{})
 	go func() {
 		defer close(upkeepDone)
-		maintainer.Run(ctx, 0, nil, func(_ datapath.CheckResult, err error) {
-			if err != nil {
-				log.Warn("checking the accelerated sockets", zap.Error(err))
-			}
-		})
+		maintainer.Run(ctx, 0, nil, func(res datapath.CheckResult, err error) { res.WarnAbout(log, err) })
 	}()
 
 	code, runErr := runCommand(cg, opts)

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -33,6 +34,22 @@ type CaseResult struct {
 	Errors map[string]string `json:"errors,omitempty"`
 	// Values are other observations (FIONREAD, readiness, ...).
 	Values map[string]int64 `json:"values,omitempty"`
+}
+
+// Only returns the receivers and errors of r whose names end in suffix.
+func (r *CaseResult) Only(suffix string) *CaseResult {
+	only := newResult()
+	for who, got := range r.Received {
+		if strings.HasSuffix(who, suffix) {
+			only.Received[who] = got
+		}
+	}
+	for who, err := range r.Errors {
+		if strings.HasSuffix(who, suffix) {
+			only.Errors[who] = err
+		}
+	}
+	return only
 }
 
 // Checked is what a receiver read and what it should have read.
@@ -247,7 +264,12 @@ type fdWriter int
 func (fd fdWriter) Write(p []byte) (int, error) { return unix.Write(int(fd), p) }
 
 // spliceRelay is a Go proxy: io.Copy between two TCP connections, which
-// moves the bytes with splice(2). client -> relay -> server, both ways.
+// moves the bytes with splice(2). client -> relay -> server, both ways; then
+// a second connection through the same relay to the same server, whose
+// results are named "... next connection". The client keeps its side open
+// for relayHoldOpen after sending, as a client waiting for its answer does:
+// where the splice guard can't load, the upkeep aborts the first connection
+// meanwhile (datapath.Maintainer).
 func spliceRelay(c Case) (*CaseResult, error) {
 	res := newResult()
 	upstreamLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -260,13 +282,27 @@ func spliceRelay(c Case) (*CaseResult, error) {
 		return nil, err
 	}
 	defer relayLn.Close()
+	for _, suffix := range []string{"", " next connection"} {
+		if err := relayOnce(c, res, suffix, relayLn, upstreamLn); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
 
+// relayHoldOpen is longer than the upkeep takes to abort a connection whose
+// splice reader can't read what was redirected to it.
+const relayHoldOpen = 2 * time.Second
+
+// relayOnce runs one connection of spliceRelay, recording its results
+// under names ending in suffix.
+func relayOnce(c Case, res *CaseResult, suffix string, relayLn, upstreamLn net.Listener) error {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	fail := func(who string, err error) {
 		if err != nil {
 			mu.Lock()
-			res.Errors[who] = err.Error()
+			res.Errors[who+suffix] = err.Error()
 			mu.Unlock()
 		}
 	}
@@ -303,19 +339,19 @@ func spliceRelay(c Case) (*CaseResult, error) {
 		got, err := Exchange(s.(*net.TCPConn), c.Bytes, 2)
 		fail("server", err)
 		mu.Lock()
-		res.Received["server"] = Checked{got, 1, c.Bytes}
+		res.Received["server"+suffix] = Checked{got, 1, c.Bytes}
 		mu.Unlock()
 	})
 	client, err := net.Dial("tcp", relayLn.Addr().String())
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer client.Close()
-	got, err := Exchange(client.(*net.TCPConn), c.Bytes, 1)
+	got, err := (&Transfer{HoldOpen: relayHoldOpen}).exchange(client.(*net.TCPConn), c.Bytes, 1, 0)
 	fail("client", err)
 	wg.Wait()
-	res.Received["client"] = Checked{got, 2, c.Bytes}
-	return res, nil
+	res.Received["client"+suffix] = Checked{got, 2, c.Bytes}
+	return nil
 }
 
 // sendfileSender sends a file with sendfile(2) (Go's ReadFrom from an

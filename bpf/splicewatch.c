@@ -1,0 +1,105 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* The splice watch: where the kernel refuses the BPF LSM splice guard
+ * (guard.c), tracepoints on splice(2) and sendfile(2) notice a socket of
+ * sock_hash that starts to be read that way, and record it in refusals
+ * (REFUSED_SPLICE). Its server port is then marked (by the socket's next
+ * message, or by the upkeep's inspector), so that the service's next
+ * connections stay on TCP from the start.
+ *
+ * A tracepoint can't fail the call, and this connection can't be saved:
+ * bytes redirected to the socket before its first splice, or on their way
+ * to it, wait in its psock queue, which splice doesn't read. Switching the
+ * peer to TCP would hand splice the bytes after them, a hole. So the peer
+ * goes on redirecting, and the upkeep (datapath.Maintainer) aborts the
+ * connection once its queue sits unread: both applications get an error,
+ * never a hole or a silent EOF. docs/correctness.md says so. Tracepoint programs get no BTF pointers, so
+ * everything is read with CO-RE probe reads, and the socket's key comes
+ * from its sock_hash element. */
+#include "sockredir.h"
+#include "kernel.h"
+#include <bpf/bpf_core_read.h>
+
+/* sock_hash's id, set by the loader: the element to read the key from. */
+const volatile __u32 sock_hash_id;
+
+/* The maps a socket can be in that the watch looks through; sockredir's
+ * sockets are in one, other tools may add theirs. */
+#define MAX_SOCKET_MAPS 4
+
+/* A syscalls:sys_enter_* tracepoint's record. */
+struct syscall_enter {
+	__u64 common;
+	__s32 nr;
+	__u32 pad;
+	__u64 args[6];
+};
+
+static __always_inline struct sock *socket_of_fd(__u64 fd)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = 0;
+	struct socket *sock;
+
+	if (fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file || (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	return BPF_CORE_READ(sock, sk);
+}
+
+/* Reads the key of sk in sock_hash into key; 0 if it isn't there. */
+static __always_inline int sock_hash_key(struct sock *sk, struct sock_key *key)
+{
+	unsigned long user_data = (unsigned long)BPF_CORE_READ(sk, sk_user_data);
+	struct sk_psock *psock = (void *)(user_data & SK_USER_DATA_PTRMASK);
+	struct list_head *head, *pos;
+
+	if (!psock)
+		return 0;
+	head = (void *)psock + bpf_core_field_offset(struct sk_psock, link);
+	pos = BPF_CORE_READ(psock, link.next);
+#pragma unroll
+	for (int i = 0; i < MAX_SOCKET_MAPS; i++) {
+		struct sk_psock_link *link = (void *)pos; /* list is its first member */
+		void *elem;
+
+		if (!pos || pos == head)
+			return 0;
+		if (BPF_CORE_READ(link, map, id) == sock_hash_id) {
+			elem = BPF_CORE_READ(link, link_raw);
+			return elem && !bpf_probe_read_kernel(key, sizeof(*key),
+							      elem + bpf_core_field_offset(struct bpf_shtab_elem, key));
+		}
+		pos = BPF_CORE_READ(pos, next);
+	}
+	return 0;
+}
+
+static __always_inline void watch(__u64 fd)
+{
+	struct sock_key key;
+	struct sock *sk = socket_of_fd(fd);
+
+	if (sk && sock_hash_key(sk, &key))
+		record_refusal(&key, REFUSED_SPLICE);
+}
+
+SEC("tracepoint/syscalls/sys_enter_splice")
+int sockredir_splice_watch(struct syscall_enter *ctx)
+{
+	watch(ctx->args[0]); /* fd_in */
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int sockredir_sendfile_watch(struct syscall_enter *ctx)
+{
+	watch(ctx->args[1]); /* in_fd */
+	return 0;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
