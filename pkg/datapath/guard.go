@@ -63,6 +63,8 @@ func watchSplice(p pins, maps map[string]*ebpf.Map, log *zap.Logger) {
 		"after a second); exclude such ports (see docs/correctness.md)")
 }
 
+// attachSpliceWatch loads the watch for this datapath's sock_hash, which it
+// finds sockets of by the map's id, and pins its two tracepoint links.
 func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 	if err := hostfs.EnsureTracefs(); err != nil {
 		return err
@@ -75,7 +77,10 @@ func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 	if err != nil {
 		return err
 	}
-	id, _ := info.ID()
+	id, ok := info.ID()
+	if !ok {
+		return errors.New("this kernel doesn't tell a map's id")
+	}
 	if err := spec.Variables["sock_hash_id"].Set(uint32(id)); err != nil {
 		return err
 	}
