@@ -108,6 +108,13 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	if (!psock)
 		return 0; /* no longer in sock_hash */
 	mirror_key(&st->peer, &r.key);
+	/* The type check also keeps sock_common's BTF whole, not a bare
+	 * declaration: cilium/ebpf matches bpf_sock_destroy's argument with it. */
+	if (bpf_map_lookup_elem(&aborts, &r.key) && bpf_sock_destroy && bpf_core_type_exists(struct sock_common)) {
+		bpf_map_delete_elem(&aborts, &r.key);
+		bpf_sock_destroy(skc);
+		return 0;
+	}
 	r.unread = queued_bytes(psock);
 	if (max_backlog) {
 		struct settings *s = get_settings();
@@ -116,13 +123,6 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 			refuse(st, REFUSED_BACKLOG);
 		else if (s && !(s->policy & POLICY_ACCELERATE_BLOCKING) && reads_blocking(tp))
 			refuse(st, REFUSED_BLOCKING);
-	}
-	/* The type check also keeps sock_common's BTF whole, not a bare
-	 * declaration: cilium/ebpf matches bpf_sock_destroy's argument with it. */
-	if (bpf_map_lookup_elem(&aborts, &r.key) && bpf_sock_destroy && bpf_core_type_exists(struct sock_common)) {
-		bpf_map_delete_elem(&aborts, &r.key);
-		bpf_sock_destroy(skc);
-		return 0;
 	}
 	r.mode = st->mode;
 	why = bpf_map_lookup_elem(&refusals, &r.key);

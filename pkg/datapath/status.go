@@ -241,7 +241,8 @@ func (s Status) WriteText(w io.Writer) error {
 		{"pairs declined", fmt.Sprint(c.PairsDeclined)},
 		{"blocking clients left on TCP", fmt.Sprint(c.BlockingSkipped)},
 		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
-		{"back on TCP for their reader", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog, blocking reads, splice)", c.InboundRefused)},
+		{"refused redirected bytes", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog, blocking reads: back on TCP; "+
+			"splice: its server port on TCP)", c.InboundRefused)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {
