@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 
 	"github.com/sockredir/sockredir/pkg/localaddr"
@@ -37,10 +36,6 @@ const abandonTime = time.Second
 
 // refusedSplice is REFUSED_SPLICE of enum refusal (bpf/sockredir.h).
 const refusedSplice = 5
-
-// namespaceRefresh is how often a Maintainer looks for network namespaces
-// that came or went in the cgroup.
-const namespaceRefresh = time.Second
 
 // modePass is MODE_PASS of enum redirect_mode (bpf/sockredir.h).
 const modePass = 2
@@ -73,11 +68,9 @@ const modePass = 2
 type Maintainer struct {
 	maxBacklog uint64
 	pinDir     string
-	cgroup     string
 	maps       map[string]*ebpf.Map
 	inspector  *inspector
-	namespaces []netns.NsHandle
-	listed     time.Time
+	namespaces *localaddr.Namespaces        // looked at again at every check: a new pod's sockets count at once
 	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
 	abandoned  map[sockopsSockKey]unreadSince
 	aborting   []sockopsSockKey // in the inspector's aborts since the last check
@@ -126,27 +119,28 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 	if err != nil {
 		return nil, err
 	}
-	in, err := newInspector(maps, maxBacklog)
+	namespaces, err := localaddr.OpenNamespaces(meta.cgroup())
 	if err != nil {
 		closeMaps(maps)
 		return nil, err
 	}
-	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, cgroup: meta.cgroup(), maps: maps, inspector: in,
+	in, err := newInspector(maps, maxBacklog)
+	if err != nil {
+		namespaces.Close()
+		closeMaps(maps)
+		return nil, err
+	}
+	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, maps: maps, inspector: in, namespaces: namespaces,
 		settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{}}, nil
 }
 
 // Check runs once over the cgroup's sockets.
 func (m *Maintainer) Check() (CheckResult, error) {
 	var res CheckResult
-	if time.Since(m.listed) > namespaceRefresh {
-		namespaces, err := localaddr.CgroupNamespaces(m.cgroup)
-		if err != nil {
-			return res, err
-		}
-		closeNamespaces(m.namespaces)
-		m.namespaces, m.listed = namespaces, time.Now()
+	if err := m.namespaces.Refresh(); err != nil {
+		return res, fmt.Errorf("finding the cgroup's network namespaces: %w", err)
 	}
-	reports, err := m.inspector.inspect(m.namespaces)
+	reports, err := m.inspector.inspect(m.namespaces.Handles())
 	if err != nil {
 		return res, err
 	}
@@ -294,7 +288,7 @@ func (m *Maintainer) Run(ctx context.Context, interval time.Duration, reopen <-c
 }
 
 func (m *Maintainer) Close() error {
-	closeNamespaces(m.namespaces)
+	m.namespaces.Close()
 	closeMaps(m.maps)
 	return m.inspector.Close()
 }

@@ -71,16 +71,49 @@ func OfCgroup(cgroup string) ([]netip.Addr, error) {
 // calling thread) and those of the processes in cgroup and below it, each
 // once. The caller closes them.
 func CgroupNamespaces(cgroup string) ([]netns.NsHandle, error) {
+	n, err := OpenNamespaces(cgroup)
+	if err != nil {
+		return nil, err
+	}
+	return n.Handles(), nil
+}
+
+// Namespaces follows the network namespaces of a cgroup's processes, and
+// this process's own, with one handle open for each.
+type Namespaces struct {
+	cgroup  string
+	own     nsID
+	handles map[nsID]netns.NsHandle
+	pids    map[int]nsID // the cgroup's processes at the last Refresh
+}
+
+// OpenNamespaces opens this process's network namespace (that of the
+// calling thread) and those the processes in cgroup and below it are in.
+func OpenNamespaces(cgroup string) (*Namespaces, error) {
 	own, err := netns.Get()
 	if err != nil {
 		return nil, fmt.Errorf("opening this process's network namespace: %w", err)
 	}
-	handles := []netns.NsHandle{own}
-	seen := map[nsID]bool{}
-	if id, err := idOf(own); err == nil {
-		seen[id] = true
+	id, err := idOf(own)
+	if err != nil {
+		own.Close()
+		return nil, fmt.Errorf("identifying this process's network namespace: %w", err)
 	}
-	err = filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {
+	n := &Namespaces{cgroup: cgroup, own: id, handles: map[nsID]netns.NsHandle{id: own}, pids: map[int]nsID{}}
+	if err := n.Refresh(); err != nil {
+		n.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+// Refresh lists the cgroup's processes again: it opens the namespaces of
+// those that came and closes the namespaces that no process is in any more.
+// Only a process it has not seen before costs more than reading cgroup.procs,
+// so it is cheap enough to call at every check of the datapath.
+func (n *Namespaces) Refresh() error {
+	pids := map[int]nsID{}
+	err := filepath.WalkDir(n.cgroup, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || !d.IsDir() {
 			return nil // cgroups come and go while we walk
 		}
@@ -93,30 +126,73 @@ func CgroupNamespaces(cgroup string) ([]netns.NsHandle, error) {
 			if err != nil {
 				continue
 			}
-			// A stat is cheaper than opening the namespace of each of
-			// the many processes that share one.
-			id, err := pidNamespaceID(pid)
-			if err != nil || seen[id] {
-				continue // the process has exited, or its namespace is known
+			if id, seen := n.pids[pid]; seen {
+				pids[pid] = id
+			} else if id, ok := n.open(pid); ok {
+				pids[pid] = id
 			}
-			ns, err := netns.GetFromPid(pid)
-			if err != nil {
-				continue
-			}
-			if opened, err := idOf(ns); err != nil || opened != id {
-				ns.Close() // the pid was reused in between
-				continue
-			}
-			seen[id] = true
-			handles = append(handles, ns)
 		}
 		return nil
 	})
 	if err != nil {
-		closeAll(handles)
-		return nil, err
+		return err
 	}
-	return handles, nil
+	n.pids = pids
+	inUse := map[nsID]bool{n.own: true}
+	for _, id := range pids {
+		inUse[id] = true
+	}
+	for id, ns := range n.handles {
+		if !inUse[id] {
+			ns.Close()
+			delete(n.handles, id)
+		}
+	}
+	return nil
+}
+
+// open makes sure the namespace of process pid is open, and returns its id;
+// false if the process has exited.
+func (n *Namespaces) open(pid int) (nsID, bool) {
+	// A stat is cheaper than opening the namespace of each of the many
+	// processes that share one.
+	id, err := pidNamespaceID(pid)
+	if err != nil {
+		return nsID{}, false
+	}
+	if _, known := n.handles[id]; known {
+		return id, true
+	}
+	ns, err := netns.GetFromPid(pid)
+	if err != nil {
+		return nsID{}, false
+	}
+	if opened, err := idOf(ns); err != nil || opened != id {
+		ns.Close() // the pid was reused in between
+		return nsID{}, false
+	}
+	n.handles[id] = ns
+	return id, true
+}
+
+// Handles returns one handle for each namespace, this process's first; they
+// stay open until the namespace is left or n is closed.
+func (n *Namespaces) Handles() []netns.NsHandle {
+	handles := []netns.NsHandle{n.handles[n.own]}
+	for id, ns := range n.handles {
+		if id != n.own {
+			handles = append(handles, ns)
+		}
+	}
+	return handles
+}
+
+// Close closes every handle.
+func (n *Namespaces) Close() {
+	for _, ns := range n.handles {
+		ns.Close()
+	}
+	n.handles = nil
 }
 
 // nsID tells network namespaces apart: the device and inode of their nsfs file.

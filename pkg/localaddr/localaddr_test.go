@@ -1,9 +1,16 @@
 package localaddr
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+
+	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
 func TestListHasLoopback(t *testing.T) {
@@ -18,5 +25,76 @@ func TestListHasLoopback(t *testing.T) {
 		if a.Is4In6() {
 			t.Errorf("%v is IPv4-mapped: List must return plain IPv4", a)
 		}
+	}
+}
+
+// Namespaces opens the namespace of a process that joins the cgroup at the
+// next Refresh, and closes it once no process of the cgroup is in it. The
+// "cgroup" is a directory with a cgroup.procs file: Namespaces only reads it.
+func TestNamespacesFollowTheCgroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	pod, err := sandbox.NewNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pod.Close()
+	podID, err := idOf(pod.Handle())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgroup := t.TempDir()
+	setProcs := func(pids ...int) {
+		t.Helper()
+		var list strings.Builder
+		for _, pid := range pids {
+			fmt.Fprintln(&list, pid)
+		}
+		if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(list.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opened := func(n *Namespaces) []nsID {
+		var ids []nsID
+		for _, ns := range n.Handles() {
+			id, err := idOf(ns)
+			if err != nil {
+				t.Fatalf("a handle that Namespaces gave is not open: %v", err)
+			}
+			ids = append(ids, id)
+		}
+		return ids
+	}
+
+	setProcs()
+	n, err := OpenNamespaces(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	if ids := opened(n); len(ids) != 1 || ids[0] == podID {
+		t.Fatalf("namespaces %v of an empty cgroup, want only this process's", ids)
+	}
+
+	sleeper := exec.Command("sleep", "60")
+	if err := pod.Do(sleeper.Start); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sleeper.Process.Kill(); sleeper.Wait() }()
+	setProcs(sleeper.Process.Pid)
+	if err := n.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	if ids := opened(n); len(ids) != 2 || ids[1] != podID {
+		t.Fatalf("namespaces %v, want this process's and then the pod's %v", ids, podID)
+	}
+
+	setProcs()
+	if err := n.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	if ids := opened(n); len(ids) != 1 || ids[0] == podID {
+		t.Fatalf("namespaces %v after the pod's process left, want only this process's", ids)
 	}
 }
