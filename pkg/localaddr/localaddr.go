@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -81,11 +82,17 @@ func CgroupNamespaces(cgroup string) ([]netns.NsHandle, error) {
 // Namespaces follows the network namespaces of a cgroup's processes, and
 // this process's own, with one handle open for each.
 type Namespaces struct {
-	cgroup  string
-	own     nsID
-	handles map[nsID]netns.NsHandle
-	pids    map[int]nsID // the cgroup's processes at the last Refresh
+	cgroup   string
+	own      nsID
+	handles  map[nsID]netns.NsHandle
+	pids     map[int]nsID // the cgroup's processes at the last Refresh
+	restated time.Time    // when every process's namespace was last looked up
 }
+
+// restatEvery is how often Refresh looks up the namespace of every process,
+// not only of new ones: a process may move to another namespace after it
+// joined the cgroup (unshare -n, ip netns exec).
+const restatEvery = time.Second
 
 // OpenNamespaces opens this process's network namespace (that of the
 // calling thread) and those the processes in cgroup and below it are in.
@@ -109,9 +116,14 @@ func OpenNamespaces(cgroup string) (*Namespaces, error) {
 
 // Refresh lists the cgroup's processes again: it opens the namespaces of
 // those that came and closes the namespaces that no process is in any more.
-// Only a process it has not seen before costs more than reading cgroup.procs,
-// so it is cheap enough to call at every check of the datapath.
+// Only a process it has not seen before costs more than reading cgroup.procs
+// (except once every restatEvery, when it looks up every process again), so
+// it is cheap enough to call at every check of the datapath.
 func (n *Namespaces) Refresh() error {
+	known := n.pids
+	if time.Since(n.restated) >= restatEvery {
+		known, n.restated = nil, time.Now()
+	}
 	pids := map[int]nsID{}
 	err := filepath.WalkDir(n.cgroup, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || !d.IsDir() {
@@ -126,7 +138,7 @@ func (n *Namespaces) Refresh() error {
 			if err != nil {
 				continue
 			}
-			if id, seen := n.pids[pid]; seen {
+			if id, seen := known[pid]; seen {
 				pids[pid] = id
 			} else if id, ok := n.open(pid); ok {
 				pids[pid] = id

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sockredir/sockredir/pkg/sandbox"
 )
@@ -96,5 +97,67 @@ func TestNamespacesFollowTheCgroup(t *testing.T) {
 	}
 	if ids := opened(n); len(ids) != 1 || ids[0] == podID {
 		t.Fatalf("namespaces %v after the pod's process left, want only this process's", ids)
+	}
+}
+
+// A process that enters a namespace of its own after joining the cgroup
+// (unshare -n, ip netns exec) is followed there within restatEvery.
+func TestNamespacesFollowAProcessThatMoves(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	cgroup := t.TempDir()
+	mover := exec.Command("sh", "-c", "read go; exec unshare -n sleep 60")
+	start, err := mover.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mover.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { mover.Process.Kill(); mover.Wait() }()
+	pid := mover.Process.Pid
+	if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(fmt.Sprintln(pid)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before, err := pidNamespaceID(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := OpenNamespaces(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+
+	fmt.Fprintln(start, "go")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if now, err := pidNamespaceID(pid); err == nil && now != before {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the process did not enter a namespace of its own")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	moved, err := pidNamespaceID(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(restatEvery)
+	if err := n.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	var ids []nsID
+	for _, ns := range n.Handles() {
+		id, err := idOf(ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if len(ids) != 2 || ids[1] != moved {
+		t.Errorf("namespaces %v, want this process's and %v, the one the process moved to", ids, moved)
 	}
 }
