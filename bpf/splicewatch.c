@@ -12,9 +12,11 @@
  * peer to TCP would hand splice the bytes after them, a hole. So the peer
  * goes on redirecting, and the upkeep (datapath.Maintainer) aborts the
  * connection once its queue sits unread: both applications get an error,
- * never a hole or a silent EOF. docs/correctness.md says so. Tracepoint programs get no BTF pointers, so
- * everything is read with CO-RE probe reads, and the socket's key comes
- * from its sock_hash element. */
+ * never a hole. Without the upkeep, or if the peer closes sooner, the
+ * reader gets a short stream and EOF (docs/correctness.md).
+ *
+ * Tracepoint programs get no BTF pointers, so everything is read with CO-RE
+ * probe reads, and the socket's key comes from its sock_hash element. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>

@@ -89,22 +89,30 @@ func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 		return verifierError(err)
 	}
 	defer objs.Close()
-	for _, w := range []struct {
+	watches := []struct {
 		pin, event string
 		prog       *ebpf.Program
+		link       link.Link
 	}{
-		{pinSpliceWatchLink, "sys_enter_splice", objs.SockredirSpliceWatch},
-		{pinSendfileWatchLink, "sys_enter_sendfile64", objs.SockredirSendfileWatch},
-	} {
-		l, err := link.Tracepoint("syscalls", w.event, w.prog, nil)
-		if err != nil {
+		{pin: pinSpliceWatchLink, event: "sys_enter_splice", prog: objs.SockredirSpliceWatch},
+		{pin: pinSendfileWatchLink, event: "sys_enter_sendfile64", prog: objs.SockredirSendfileWatch},
+	}
+	// Both attach before either is pinned: half a watch must not look
+	// like one in `status`.
+	for i := range watches {
+		w := &watches[i]
+		if w.link, err = link.Tracepoint("syscalls", w.event, w.prog, nil); err != nil {
+			for _, attached := range watches[:i] {
+				attached.link.Close()
+			}
 			return fmt.Errorf("attaching to syscalls:%s: %w", w.event, err)
 		}
-		if err := pinReplacing(p, w.pin, l); err != nil {
-			return err
-		}
 	}
-	return nil
+	var errs []error
+	for _, w := range watches {
+		errs = append(errs, pinReplacing(p, w.pin, w.link))
+	}
+	return errors.Join(errs...)
 }
 
 // attachLSM attaches prog and pins its link as name.
