@@ -11,7 +11,11 @@
  * file that can't be spliced, and readers such as Go's io.Copy then fall back
  * to read(2). vfs_splice_read, like vfs_read, asks security_file_permission
  * first; the system call tells the two apart. Kernels that refuse BPF LSM
- * programs can't have this guard: see docs/correctness.md. */
+ * programs can't have this guard: see docs/correctness.md.
+ *
+ * A probation socket (sockops.c) is plain TCP: its splice goes through, and
+ * its server port stays on TCP, so that the service keeps its zero-copy
+ * reads. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>
@@ -42,46 +46,58 @@ static __always_inline int in_sockmap(struct sock *sk)
 	return sk && sk->sk_user_data;
 }
 
-SEC("lsm/file_permission")
-int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
+/* The state of one of sockredir's sockets that tcp_bpf reads (in sockmap) or
+ * that is on probation; NULL for any other socket. */
+static __always_inline struct sock_state *watched_state(struct file *file)
 {
-	struct socket *sock;
+	struct socket *sock = bpf_sock_from_file(file);
+	struct sock_state *st;
 	struct sock *sk;
 
-	if (ret || !(mask & MAY_READ))
-		return ret;
-	sock = bpf_sock_from_file(file);
 	if (!sock)
 		return 0;
 	sk = sock->sk; /* a BTF pointer, as bpf_sk_storage_get needs */
-	if (!in_sockmap(sk) || !bpf_sk_storage_get(&sock_states, sk, 0, 0))
+	if (!sk)
 		return 0;
-	return is_splice_syscall() ? -EINVAL : 0;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	if (!st || !(in_sockmap(sk) || (st->flags & SOCK_PROBATION)))
+		return 0;
+	return st;
+}
+
+SEC("lsm/file_permission")
+int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
+{
+	struct sock_state *st;
+
+	if (ret || !(mask & MAY_READ))
+		return ret;
+	st = watched_state(file);
+	if (!st || !is_splice_syscall())
+		return 0;
+	if (!(st->flags & SOCK_PROBATION))
+		return -EINVAL;
+	refuse(st, REFUSED_SPLICE);
+	return 0;
 }
 
 /* The FIONREAD guard, attached only on kernels whose tcp_bpf has no ioctl
  * (6.1): there FIONREAD counts only what came over TCP. A socket that asks
  * takes its bytes over TCP from then on, and its server port's next
- * connections from the start (refuse); bytes redirected before the
- * first FIONREAD are not counted by that call. */
+ * connections from the start (refuse). Bytes redirected before the first
+ * FIONREAD are not counted by that call: probation keeps a port's first
+ * connections on TCP, so that only a port that asked nothing during its
+ * probation can meet that. */
 #define SIOCINQ 0x541B /* FIONREAD */
 
 SEC("lsm/file_ioctl")
 int BPF_PROG(sockredir_fionread_guard, struct file *file, unsigned int cmd, unsigned long arg, int ret)
 {
 	struct sock_state *st;
-	struct socket *sock;
-	struct sock *sk;
 
 	if (ret || cmd != SIOCINQ)
 		return ret;
-	sock = bpf_sock_from_file(file);
-	if (!sock)
-		return 0;
-	sk = sock->sk;
-	if (!in_sockmap(sk))
-		return 0;
-	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	st = watched_state(file);
 	if (st)
 		refuse(st, REFUSED_FIONREAD);
 	return 0;

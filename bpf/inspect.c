@@ -44,13 +44,9 @@ extern int bpf_sock_destroy(struct sock_common *sk) __ksym __weak;
  * before accept(2) gives it a file, or after close(2). */
 static __always_inline int reads_blocking(struct tcp_sock *tp)
 {
-	struct socket *sock = BPF_CORE_READ((struct sock *)tp, sk_socket);
-	struct file *file;
+	long flags = file_flags((struct sock *)tp);
 
-	if (!sock)
-		return 0;
-	file = BPF_CORE_READ(sock, file);
-	return file && !(BPF_CORE_READ(file, f_flags) & O_NONBLOCK);
+	return flags >= 0 && !(flags & O_NONBLOCK);
 }
 
 struct socket_report {

@@ -6,6 +6,8 @@
 #define __SOCKREDIR_KERNEL_H
 
 #include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 struct inode {
 	unsigned short i_mode;
@@ -63,8 +65,19 @@ struct pt_regs___arm64 {
 
 /* Starts with its struct sock, as every kernel socket type does. */
 struct tcp_sock {
-	__u32 write_seq; /* sequence number after the last byte queued to send */
+	__u32 write_seq;  /* sequence number after the last byte queued to send */
+	__u32 copied_seq; /* sequence number of the next byte to read */
 } __attribute__((preserve_access_index));
+
+/* The flags of the file through which its application has sk, or -1 while
+ * it has none (before accept(2) gives it one, after close(2)). */
+static __always_inline long file_flags(struct sock *sk)
+{
+	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
+	struct file *file = sock ? BPF_CORE_READ(sock, file) : 0;
+
+	return file ? BPF_CORE_READ(file, f_flags) : -1;
+}
 
 struct list_head {
 	struct list_head *next, *prev;
@@ -110,8 +123,14 @@ struct bpf_iter_meta {
 	void *seq;
 } __attribute__((preserve_access_index));
 
+typedef struct {
+	__s64 counter;
+} atomic64_t;
+
+/* The start of every struct sock. */
 struct sock_common {
 	unsigned short skc_family;
+	atomic64_t skc_cookie; /* 0 until someone asks for the socket's cookie */
 } __attribute__((preserve_access_index));
 
 /* Context of an iter/tcp program: one TCP socket of the namespace per call. */

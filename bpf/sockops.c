@@ -14,6 +14,14 @@
  *      recorded the key that the two initial sequence numbers make, which
  *      only the real peer can produce, and hasn't withdrawn (a client may
  *      send before this callback; see pair_passive).
+ *
+ * Probation: some ways of reading a socket (splice(2), FIONREAD on 6.1,
+ * blocking recv(2)) lose or stall redirected bytes, and some kernels can't
+ * keep them away from those bytes (docs/correctness.md). So a server port's
+ * connections stay on plain TCP, both sockets out of sock_hash and watched,
+ * until one of them has ended after its server read from a non-blocking
+ * socket and nothing marked the port (refuse): the port is then cleared, and
+ * its next connections are accelerated.
  */
 #include "sockredir.h"
 #include "kernel.h"
@@ -244,8 +252,9 @@ static __always_inline void tune(struct bpf_sock_ops *skops, struct settings *s)
  * of sock_hash. */
 static __always_inline int refuses_from_start(struct tcp_sock *tp, struct sock_key *k, int passive)
 {
-	struct port_key port = { .netns = k->netns, .port = k->local_port };
+	struct port_key port;
 
+	server_port(k, passive, &port);
 	if (BPF_CORE_READ((struct sock *)tp, sk_rcvlowat) > 1 ||
 	    (passive && bpf_map_lookup_elem(&refusing_ports, &port))) {
 		count(COUNTER_INBOUND_REFUSED, 1);
@@ -254,22 +263,30 @@ static __always_inline int refuses_from_start(struct tcp_sock *tp, struct sock_k
 	return 0;
 }
 
-static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_key *k, __u32 flags)
+/* Gives a socket its state, for connection k. */
+static __always_inline struct sock_state *init_state(struct bpf_sock *sk, struct sock_key *k, __u32 flags)
 {
-	struct bpf_sock *sk = skops->sk;
-	struct sock_state *st;
+	struct sock_state *st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
-	if (!sk)
+	if (!st)
 		return 0;
-	st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st) {
-		count(COUNTER_ADD_FAILURES, 1);
-		return 0;
-	}
 	mirror_key(k, &st->peer);
 	st->mode = MODE_UNDECIDED;
 	st->seen_refusals = 0;
 	st->flags = flags;
+	return st;
+}
+
+static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_key *k, __u32 flags)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return 0;
+	if (!init_state(sk, k, flags)) {
+		count(COUNTER_ADD_FAILURES, 1);
+		return 0;
+	}
 	/* A full map leaves the connection on the normal path. */
 	if (bpf_sock_hash_update(skops, &sock_hash, k, BPF_NOEXIST)) {
 		bpf_sk_storage_delete(&sock_states, sk);
@@ -277,6 +294,41 @@ static __always_inline int add_socket(struct bpf_sock_ops *skops, struct sock_ke
 		return 0;
 	}
 	return 1;
+}
+
+/* Whether connection k (the client's key) is to be its server port's
+ * probation. */
+static __always_inline int on_probation(struct settings *s, struct sock_key *k)
+{
+	struct port_key port;
+
+	if (s->policy & POLICY_ACCELERATE_NEW_PORTS)
+		return 0;
+	server_port(k, 0, &port);
+	return !bpf_map_lookup_elem(&cleared_ports, &port);
+}
+
+/* Leaves a socket of a probation connection on TCP and watches it: the
+ * guards, the setsockopt program and the splice watch (which finds it by its
+ * cookie) mark its port when it reads in a way tcp_bpf gets wrong, and its
+ * state changes end the probation (end_of_probation). */
+static __always_inline void begin_probation(struct bpf_sock_ops *skops, struct sock_key *k, __u32 flags)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	struct port_key port;
+	__u64 cookie;
+
+	if (!sk)
+		return;
+	st = init_state(sk, k, flags | SOCK_PROBATION);
+	if (!st)
+		return;
+	st->mode = MODE_PASS;
+	server_port(k, flags & SOCK_PASSIVE, &port);
+	cookie = bpf_get_socket_cookie(skops);
+	bpf_map_update_elem(&probation_sockets, &cookie, &port, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(skops, CTX(skops->bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* Server side, SYN received: remember that this end is in the cgroup. */
@@ -295,10 +347,10 @@ static __always_inline void note_handshake(struct bpf_sock_ops *skops)
  * whenever it wakes without data (the ACK of its own FIN after a half-close,
  * a signal): tcp_bpf_recvmsg waits only once, on every kernel. So a client
  * that connected with a blocking socket is left on plain TCP unless the
- * policy accepts that risk. */
+ * policy accepts that risk. (A connecting socket always has its file.) */
 static __always_inline int is_blocking(struct tcp_sock *tp)
 {
-	return !(BPF_CORE_READ((struct sock *)tp, sk_socket, file, f_flags) & O_NONBLOCK);
+	return !(file_flags((struct sock *)tp) & O_NONBLOCK);
 }
 
 /* The socket of an ESTABLISHED callback as a tcp_sock, for the reads of
@@ -337,6 +389,12 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 
 	k.local_seq = skops->snd_nxt;
 	k.remote_seq = skops->rcv_nxt;
+	if (on_probation(s, &k)) {
+		begin_probation(skops, &k, 0);
+		stage = PENDING_PROBATION;
+		bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
+		return;
+	}
 	if (add_socket(skops, &k, 0)) {
 		count(COUNTER_SOCKETS_ADDED, 1);
 		bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
@@ -364,6 +422,17 @@ static __always_inline int pair_passive(struct bpf_sock_ops *skops, struct sock_
 	return 0;
 }
 
+/* The server's half of a probation connection. */
+static __always_inline void join_probation(struct bpf_sock_ops *skops, struct sock_key *k)
+{
+	struct tcp_sock *tp = tcp_sock_of(skops);
+
+	if (!tp || refuses_from_start(tp, k, 1))
+		return;
+	begin_probation(skops, k, SOCK_PASSIVE);
+	count(COUNTER_PROBATION_CONNECTIONS, 1);
+}
+
 static __always_inline void add_passive(struct bpf_sock_ops *skops)
 {
 	struct sock_key k, client;
@@ -376,7 +445,9 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 	k.remote_seq = skops->rcv_nxt;
 	mirror_key(&k, &client);
 	stage = bpf_map_lookup_elem(&pending, &client);
-	if (stage && pair_passive(skops, &k, stage))
+	if (stage && *stage == PENDING_PROBATION)
+		join_probation(skops, &k);
+	else if (stage && pair_passive(skops, &k, stage))
 		count(COUNTER_SOCKETS_ADDED, 1);
 	else
 		/* Whenever this side stays out, the client, if it is in,
@@ -387,6 +458,52 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&sock_hash, &client);
 	if (stage)
 		bpf_map_delete_elem(&pending, &client);
+}
+
+/* A probation socket changed state. While its application has the server's
+ * socket, its file says whether it reads blocking (a connection may end
+ * before the server even accepts it, so every change looks). Once the
+ * server's socket is closed, the port is cleared if its application read
+ * from it, never blocking, and nothing marked the port meanwhile: the guards
+ * and the splice watch mark it when a splice starts, before it reads. */
+static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct settings *s)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp = tcp_sock_of(skops);
+	struct sock_state *st;
+	struct sock_key own;
+	struct port_key port;
+	__u8 cleared = 1;
+	__u64 cookie;
+	long flags;
+
+	if (!sk || !tp)
+		return;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	if (!st || !(st->flags & SOCK_PROBATION))
+		return;
+	flags = file_flags((struct sock *)tp);
+	if ((st->flags & SOCK_PASSIVE) && flags >= 0) {
+		if ((flags & O_NONBLOCK) || (s->policy & POLICY_ACCELERATE_BLOCKING))
+			st->flags |= SOCK_NONBLOCKING;
+		else
+			refuse(st, REFUSED_BLOCKING);
+	}
+	if (CTX(skops->args[1]) != BPF_TCP_CLOSE)
+		return;
+	cookie = bpf_get_socket_cookie(skops);
+	bpf_map_delete_elem(&probation_sockets, &cookie);
+	st->flags &= ~SOCK_PROBATION;
+	/* copied_seq starts where the peer's first byte is: its key's
+	 * local_seq. */
+	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) || tp->copied_seq == st->peer.local_seq)
+		return;
+	mirror_key(&st->peer, &own);
+	server_port(&own, 1, &port);
+	if (bpf_map_lookup_elem(&refusing_ports, &port) || bpf_map_lookup_elem(&cleared_ports, &port))
+		return;
+	bpf_map_update_elem(&cleared_ports, &port, &cleared, BPF_ANY);
+	count(COUNTER_PORTS_CLEARED, 1);
 }
 
 SEC("sockops")
@@ -409,6 +526,9 @@ int sockredir_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		add_passive(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		watch_probation(skops, s);
 		break;
 	}
 	return 1;

@@ -50,7 +50,11 @@ enum redirect_mode {
 };
 
 /* sock_state.flags */
-#define SOCK_PASSIVE (1 << 0) /* the server side of its connection */
+#define SOCK_PASSIVE (1 << 0)   /* the server side of its connection */
+#define SOCK_PROBATION (1 << 1) /* on TCP, out of sock_hash: its connection
+				 * is its server port's probation (sockops.c) */
+#define SOCK_NONBLOCKING (1 << 2) /* a probation server's file was seen
+				   * non-blocking */
 
 /* Per-socket state, in socket-local storage. */
 struct sock_state {
@@ -83,6 +87,8 @@ enum counter {
 	COUNTER_BLOCKING_SKIPPED,
 	COUNTER_POLICY_SKIPPED,
 	COUNTER_INBOUND_REFUSED,
+	COUNTER_PROBATION_CONNECTIONS,
+	COUNTER_PORTS_CLEARED,
 	COUNTER_MAX,
 };
 
@@ -104,6 +110,7 @@ struct settings {
 #define POLICY_INCLUDE_PORTS (1 << 0)      /* only ports in policy_ports */
 #define POLICY_INCLUDE_CIDRS (1 << 1)      /* only peers in policy_cidrs */
 #define POLICY_ACCELERATE_BLOCKING (1 << 2) /* blocking clients too */
+#define POLICY_ACCELERATE_NEW_PORTS (1 << 3) /* no probation (sockops.c) */
 
 /* Values of policy_ports and policy_cidrs. */
 enum policy_verdict {
@@ -165,6 +172,8 @@ enum pending_stage {
 	 * (compare-and-swap, so that exactly one of them does): */
 	PENDING_PAIRED = 3,   /* the server is in sock_hash */
 	PENDING_DECLINED = 4, /* the client sent over TCP first */
+	/* The client found its server port on probation: both stay on TCP. */
+	PENDING_PROBATION = 5,
 };
 
 /* Handshakes on their way to a pair (see sockops.c). The SYN stage's keys
@@ -229,9 +238,10 @@ struct {
 	__type(value, __u32);
 } refusal_gen SEC(".maps");
 
-/* A server port: netns as in sock_key. */
+/* A server port: the server's address and port, netns as in sock_key. */
 struct port_key {
 	__u64 netns;
+	__u32 addr[4]; /* network byte order; IPv4 as IPv4-mapped IPv6 */
 	__u32 port;
 	__u32 pad;
 };
@@ -244,6 +254,25 @@ struct {
 	__type(key, struct port_key);
 	__type(value, __u32);
 } refusing_ports SEC(".maps");
+
+/* Server ports whose probation connection ended without a sign that tcp_bpf
+ * would get its reads wrong: their connections are accelerated. LRU: a port
+ * that falls out goes through probation again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct port_key);
+	__type(value, __u8);
+} cleared_ports SEC(".maps");
+
+/* The server port of each probation socket, by socket cookie: how the splice
+ * watch, a tracepoint program without socket storage, recognises one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct port_key);
+} probation_sockets SEC(".maps");
 
 static __always_inline void count(enum counter c, __u64 n)
 {
@@ -299,21 +328,33 @@ static __always_inline int record_refusal(struct sock_key *own, __u32 why)
 	return 1;
 }
 
+/* The server port of connection k, seen from its server (passive) or its
+ * client. */
+static __always_inline void server_port(const struct sock_key *k, int passive, struct port_key *port)
+{
+	__builtin_memset(port, 0, sizeof(*port));
+	port->netns = k->netns;
+	if (passive) {
+		__builtin_memcpy(port->addr, k->local_ip, sizeof(port->addr));
+		port->port = k->local_port;
+	} else {
+		__builtin_memcpy(port->addr, k->remote_ip, sizeof(port->addr));
+		port->port = k->remote_port;
+	}
+}
+
 /* Marks the server port of a refusing socket's connection, so that the
  * service's next connections stay on TCP from the start: a server's for
  * every reason but a backlog (only this connection's), a client's when it
  * splices (its server's next clients may be the same relay). */
 static __always_inline void mark_server_port(struct sock_state *st, struct sock_key *own, __u32 why)
 {
-	struct port_key port = { .netns = own->netns, .port = own->local_port };
+	int passive = st->flags & SOCK_PASSIVE;
+	struct port_key port;
 
-	if (!(st->flags & SOCK_PASSIVE)) {
-		if (why != REFUSED_SPLICE)
-			return;
-		port.port = own->remote_port;
-	} else if (why == REFUSED_BACKLOG) {
+	if (passive ? why == REFUSED_BACKLOG : why != REFUSED_SPLICE)
 		return;
-	}
+	server_port(own, passive, &port);
 	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
 }
 
@@ -321,14 +362,17 @@ static __always_inline void mark_server_port(struct sock_state *st, struct sock_
  * its peer sends over TCP from its next message on (it finds the refusal),
  * and so does this socket. Once both queues are read, `sockredir daemon`
  * takes the two sockets out of sock_hash (datapath.Maintainer), and they are
- * plain TCP sockets again. */
+ * plain TCP sockets again. A probation socket is on TCP already: its server
+ * port stays there. */
 static __always_inline void refuse(struct sock_state *st, __u32 why)
 {
 	struct sock_key own;
 
 	st->mode = MODE_PASS;
 	mirror_key(&st->peer, &own);
-	if (record_refusal(&own, why))
+	if (st->flags & SOCK_PROBATION)
+		mark_server_port(st, &own, why);
+	else if (record_refusal(&own, why))
 		mark_server_port(st, &own, why);
 }
 

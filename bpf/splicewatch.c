@@ -13,10 +13,14 @@
  * goes on redirecting, and the upkeep (datapath.Maintainer) aborts the
  * connection once its queue sits unread: both applications get an error,
  * never a hole. Without the upkeep, or if the peer closes sooner, the
- * reader gets a short stream and EOF (docs/correctness.md).
+ * reader gets a short stream and EOF (docs/correctness.md). Probation
+ * (sockops.c) is what keeps that from happening on a port's first
+ * connections: a probation socket that splices has its server port marked
+ * here, while its bytes still come over TCP, which splice reads.
  *
- * Tracepoint programs get no BTF pointers, so everything is read with CO-RE
- * probe reads, and the socket's key comes from its sock_hash element. */
+ * Tracepoint programs get no BTF pointers and no socket storage, so
+ * everything is read with CO-RE probe reads, a sock_hash socket's key comes
+ * from its element, and a probation socket is found by its cookie. */
 #include "sockredir.h"
 #include "kernel.h"
 #include <bpf/bpf_core_read.h>
@@ -83,11 +87,25 @@ static __always_inline int sock_hash_key(struct sock *sk, struct sock_key *key)
 
 static __always_inline void watch(__u64 fd)
 {
-	struct sock_key key;
 	struct sock *sk = socket_of_fd(fd);
+	__u32 why = REFUSED_SPLICE;
+	struct port_key *server;
+	struct port_key port;
+	struct sock_key key;
+	__u64 cookie;
 
-	if (sk && sock_hash_key(sk, &key))
+	if (!sk)
+		return;
+	if (sock_hash_key(sk, &key)) {
 		record_refusal(&key, REFUSED_SPLICE);
+		return;
+	}
+	cookie = BPF_CORE_READ((struct sock_common *)sk, skc_cookie.counter);
+	server = cookie ? bpf_map_lookup_elem(&probation_sockets, &cookie) : 0;
+	if (!server)
+		return;
+	port = *server;
+	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
 }
 
 SEC("tracepoint/syscalls/sys_enter_splice")

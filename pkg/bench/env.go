@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/policy"
 	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
@@ -109,8 +110,11 @@ func newEnv(log *zap.Logger) (_ *env, err error) {
 		pinDir := filepath.Join(e.pinRoot, string(c.cfg))
 		e.pinDirs[c.cfg] = pinDir
 		// From inside the namespace, so that its addresses count as local.
+		// The workers' servers read with recv(2) from non-blocking sockets:
+		// probation would only hold each run's first connection on TCP.
+		noProbation := &policy.Policy{Redirect: policy.Redirect{AccelerateNewPorts: true}}
 		err = e.ns.Do(func() error {
-			_, err := datapath.Up(datapath.Config{Cgroup: cg.Path, PinDir: pinDir, PassOnly: c.passOnly, Log: log})
+			_, err := datapath.Up(datapath.Config{Cgroup: cg.Path, PinDir: pinDir, PassOnly: c.passOnly, Policy: noProbation, Log: log})
 			return err
 		})
 		if err != nil {

@@ -50,17 +50,17 @@ func attachGuards(p pins, maps map[string]*ebpf.Map, log *zap.Logger) error {
 
 // watchSplice attaches the splice watch (bpf/splicewatch.c) where the
 // splice guard can't be: once a socket splices, its server port's next
-// connections stay on TCP. Its own connection can't be saved; the upkeep
-// (daemon, run) aborts it.
+// connections stay on TCP. A probation connection is on TCP already; an
+// accelerated one can't be saved, and the upkeep (daemon, run) aborts it.
 func watchSplice(p pins, maps map[string]*ebpf.Map, log *zap.Logger) {
 	if err := attachSpliceWatch(p, maps); err != nil {
 		log.Warn("splice(2) readers of accelerated sockets are not protected: "+
 			"the splice watch could not be attached either (see docs/correctness.md)", zap.Error(err))
 		return
 	}
-	log.Warn("splice(2) readers are only watched on this kernel: once a socket splices, its server port's next " +
-		"connections stay on TCP, but that connection loses what is redirected to it (the daemon aborts it " +
-		"after a second); exclude such ports (see docs/correctness.md)")
+	log.Warn("splice(2) readers are only watched on this kernel: a port whose probation connections splice stays " +
+		"on TCP, but a connection that starts to splice once its port is accelerated loses what is redirected to it " +
+		"(the daemon aborts it after a second); exclude ports that splice only sometimes (see docs/correctness.md)")
 }
 
 // attachSpliceWatch loads the watch for this datapath's sock_hash, which it

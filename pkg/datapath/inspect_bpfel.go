@@ -16,6 +16,7 @@ import (
 type inspectPortKey struct {
 	_     structs.HostLayout
 	Netns uint64
+	Addr  [4]uint32
 	Port  uint32
 	Pad   uint32
 }
@@ -55,9 +56,11 @@ type inspectSockState struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	inspectMapAborts            = "aborts"
+	inspectMapClearedPorts      = "cleared_ports"
 	inspectMapCounters          = "counters"
 	inspectMapLocalAddrs        = "local_addrs"
 	inspectMapPending           = "pending"
+	inspectMapProbationSockets  = "probation_sockets"
 	inspectMapRefusalGen        = "refusal_gen"
 	inspectMapRefusals          = "refusals"
 	inspectMapRefusingPorts     = "refusing_ports"
@@ -117,16 +120,18 @@ type inspectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type inspectMapSpecs struct {
-	Aborts        *ebpf.MapSpec `ebpf:"aborts"`
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending       *ebpf.MapSpec `ebpf:"pending"`
-	RefusalGen    *ebpf.MapSpec `ebpf:"refusal_gen"`
-	Refusals      *ebpf.MapSpec `ebpf:"refusals"`
-	RefusingPorts *ebpf.MapSpec `ebpf:"refusing_ports"`
-	Settings      *ebpf.MapSpec `ebpf:"settings"`
-	SockHash      *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates    *ebpf.MapSpec `ebpf:"sock_states"`
+	Aborts           *ebpf.MapSpec `ebpf:"aborts"`
+	ClearedPorts     *ebpf.MapSpec `ebpf:"cleared_ports"`
+	Counters         *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs       *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending          *ebpf.MapSpec `ebpf:"pending"`
+	ProbationSockets *ebpf.MapSpec `ebpf:"probation_sockets"`
+	RefusalGen       *ebpf.MapSpec `ebpf:"refusal_gen"`
+	Refusals         *ebpf.MapSpec `ebpf:"refusals"`
+	RefusingPorts    *ebpf.MapSpec `ebpf:"refusing_ports"`
+	Settings         *ebpf.MapSpec `ebpf:"settings"`
+	SockHash         *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates       *ebpf.MapSpec `ebpf:"sock_states"`
 }
 
 // inspectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -156,24 +161,28 @@ func (o *inspectObjects) Close() error {
 //
 // It can be passed to loadInspectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type inspectMaps struct {
-	Aborts        *ebpf.Map `ebpf:"aborts"`
-	Counters      *ebpf.Map `ebpf:"counters"`
-	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
-	Pending       *ebpf.Map `ebpf:"pending"`
-	RefusalGen    *ebpf.Map `ebpf:"refusal_gen"`
-	Refusals      *ebpf.Map `ebpf:"refusals"`
-	RefusingPorts *ebpf.Map `ebpf:"refusing_ports"`
-	Settings      *ebpf.Map `ebpf:"settings"`
-	SockHash      *ebpf.Map `ebpf:"sock_hash"`
-	SockStates    *ebpf.Map `ebpf:"sock_states"`
+	Aborts           *ebpf.Map `ebpf:"aborts"`
+	ClearedPorts     *ebpf.Map `ebpf:"cleared_ports"`
+	Counters         *ebpf.Map `ebpf:"counters"`
+	LocalAddrs       *ebpf.Map `ebpf:"local_addrs"`
+	Pending          *ebpf.Map `ebpf:"pending"`
+	ProbationSockets *ebpf.Map `ebpf:"probation_sockets"`
+	RefusalGen       *ebpf.Map `ebpf:"refusal_gen"`
+	Refusals         *ebpf.Map `ebpf:"refusals"`
+	RefusingPorts    *ebpf.Map `ebpf:"refusing_ports"`
+	Settings         *ebpf.Map `ebpf:"settings"`
+	SockHash         *ebpf.Map `ebpf:"sock_hash"`
+	SockStates       *ebpf.Map `ebpf:"sock_states"`
 }
 
 func (m *inspectMaps) Close() error {
 	return _InspectClose(
 		m.Aborts,
+		m.ClearedPorts,
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,
+		m.ProbationSockets,
 		m.RefusalGen,
 		m.Refusals,
 		m.RefusingPorts,

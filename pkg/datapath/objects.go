@@ -21,18 +21,20 @@ type objects struct {
 // maps are the datapath's maps, by name; all of them are pinned.
 func (o *objects) maps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		"sock_hash":      o.sockops.SockHash,
-		"sock_states":    o.sockops.SockStates,
-		"local_addrs":    o.sockops.LocalAddrs,
-		"counters":       o.sockops.Counters,
-		"settings":       o.sockops.Settings,
-		"pending":        o.sockops.Pending,
-		"policy_ports":   o.sockops.PolicyPorts,
-		"policy_cidrs":   o.sockops.PolicyCidrs,
-		"tuning_rules":   o.sockops.TuningRules,
-		"refusals":       o.sockops.Refusals,
-		"refusal_gen":    o.sockops.RefusalGen,
-		"refusing_ports": o.sockops.RefusingPorts,
+		"sock_hash":         o.sockops.SockHash,
+		"sock_states":       o.sockops.SockStates,
+		"local_addrs":       o.sockops.LocalAddrs,
+		"counters":          o.sockops.Counters,
+		"settings":          o.sockops.Settings,
+		"pending":           o.sockops.Pending,
+		"policy_ports":      o.sockops.PolicyPorts,
+		"policy_cidrs":      o.sockops.PolicyCidrs,
+		"tuning_rules":      o.sockops.TuningRules,
+		"refusals":          o.sockops.Refusals,
+		"refusal_gen":       o.sockops.RefusalGen,
+		"refusing_ports":    o.sockops.RefusingPorts,
+		"cleared_ports":     o.sockops.ClearedPorts,
+		"probation_sockets": o.sockops.ProbationSockets,
 	}
 }
 

@@ -31,14 +31,15 @@ const (
 
 // mapNames are the maps that outlive the loader, pinned under their own names.
 var mapNames = []string{"sock_hash", "sock_states", "local_addrs", "counters", "settings", "pending",
-	"policy_ports", "policy_cidrs", "tuning_rules", "refusals", "refusal_gen", "refusing_ports"}
+	"policy_ports", "policy_cidrs", "tuning_rules", "refusals", "refusal_gen", "refusing_ports",
+	"cleared_ports", "probation_sockets"}
 
 // metaMagic marks a pin directory as sockredir's.
 var metaMagic = [8]byte{'s', 'o', 'c', 'k', 'r', 'e', 'd', 'r'}
 
 // ABIVersion names the layout of the pinned maps. An upgrade in place reuses
 // them, so it is possible only between builds with the same ABIVersion.
-const ABIVersion = 4
+const ABIVersion = 5
 
 // metaRecord is the value of the pinned meta map: what `up` was asked to do,
 // for `status`, `down` and the next `up`.

@@ -18,6 +18,7 @@ const (
 	policyIncludePorts       = 1 << 0
 	policyIncludeCIDRs       = 1 << 1
 	policyAccelerateBlocking = 1 << 2
+	policyAccelerateNewPorts = 1 << 3
 
 	policyExclude = 1
 	policyInclude = 2
@@ -48,6 +49,9 @@ func writePolicy(o *objects, p *policy.Policy) (flags, rules uint32, err error) 
 	}
 	if r.AccelerateBlocking {
 		flags |= policyAccelerateBlocking
+	}
+	if r.AccelerateNewPorts {
+		flags |= policyAccelerateNewPorts
 	}
 
 	ports := map[uint16]uint32{}

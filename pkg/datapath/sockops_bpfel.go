@@ -22,6 +22,7 @@ type sockopsCidrKey struct {
 type sockopsPortKey struct {
 	_     structs.HostLayout
 	Netns uint64
+	Addr  [4]uint32
 	Port  uint32
 	Pad   uint32
 }
@@ -76,11 +77,13 @@ type sockopsTuningRule struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockopsMapClearedPorts      = "cleared_ports"
 	sockopsMapCounters          = "counters"
 	sockopsMapLocalAddrs        = "local_addrs"
 	sockopsMapPending           = "pending"
 	sockopsMapPolicyCidrs       = "policy_cidrs"
 	sockopsMapPolicyPorts       = "policy_ports"
+	sockopsMapProbationSockets  = "probation_sockets"
 	sockopsMapRefusalGen        = "refusal_gen"
 	sockopsMapRefusals          = "refusals"
 	sockopsMapRefusingPorts     = "refusing_ports"
@@ -140,18 +143,20 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending       *ebpf.MapSpec `ebpf:"pending"`
-	PolicyCidrs   *ebpf.MapSpec `ebpf:"policy_cidrs"`
-	PolicyPorts   *ebpf.MapSpec `ebpf:"policy_ports"`
-	RefusalGen    *ebpf.MapSpec `ebpf:"refusal_gen"`
-	Refusals      *ebpf.MapSpec `ebpf:"refusals"`
-	RefusingPorts *ebpf.MapSpec `ebpf:"refusing_ports"`
-	Settings      *ebpf.MapSpec `ebpf:"settings"`
-	SockHash      *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates    *ebpf.MapSpec `ebpf:"sock_states"`
-	TuningRules   *ebpf.MapSpec `ebpf:"tuning_rules"`
+	ClearedPorts     *ebpf.MapSpec `ebpf:"cleared_ports"`
+	Counters         *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs       *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending          *ebpf.MapSpec `ebpf:"pending"`
+	PolicyCidrs      *ebpf.MapSpec `ebpf:"policy_cidrs"`
+	PolicyPorts      *ebpf.MapSpec `ebpf:"policy_ports"`
+	ProbationSockets *ebpf.MapSpec `ebpf:"probation_sockets"`
+	RefusalGen       *ebpf.MapSpec `ebpf:"refusal_gen"`
+	Refusals         *ebpf.MapSpec `ebpf:"refusals"`
+	RefusingPorts    *ebpf.MapSpec `ebpf:"refusing_ports"`
+	Settings         *ebpf.MapSpec `ebpf:"settings"`
+	SockHash         *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates       *ebpf.MapSpec `ebpf:"sock_states"`
+	TuningRules      *ebpf.MapSpec `ebpf:"tuning_rules"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -180,27 +185,31 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
-	Counters      *ebpf.Map `ebpf:"counters"`
-	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
-	Pending       *ebpf.Map `ebpf:"pending"`
-	PolicyCidrs   *ebpf.Map `ebpf:"policy_cidrs"`
-	PolicyPorts   *ebpf.Map `ebpf:"policy_ports"`
-	RefusalGen    *ebpf.Map `ebpf:"refusal_gen"`
-	Refusals      *ebpf.Map `ebpf:"refusals"`
-	RefusingPorts *ebpf.Map `ebpf:"refusing_ports"`
-	Settings      *ebpf.Map `ebpf:"settings"`
-	SockHash      *ebpf.Map `ebpf:"sock_hash"`
-	SockStates    *ebpf.Map `ebpf:"sock_states"`
-	TuningRules   *ebpf.Map `ebpf:"tuning_rules"`
+	ClearedPorts     *ebpf.Map `ebpf:"cleared_ports"`
+	Counters         *ebpf.Map `ebpf:"counters"`
+	LocalAddrs       *ebpf.Map `ebpf:"local_addrs"`
+	Pending          *ebpf.Map `ebpf:"pending"`
+	PolicyCidrs      *ebpf.Map `ebpf:"policy_cidrs"`
+	PolicyPorts      *ebpf.Map `ebpf:"policy_ports"`
+	ProbationSockets *ebpf.Map `ebpf:"probation_sockets"`
+	RefusalGen       *ebpf.Map `ebpf:"refusal_gen"`
+	Refusals         *ebpf.Map `ebpf:"refusals"`
+	RefusingPorts    *ebpf.Map `ebpf:"refusing_ports"`
+	Settings         *ebpf.Map `ebpf:"settings"`
+	SockHash         *ebpf.Map `ebpf:"sock_hash"`
+	SockStates       *ebpf.Map `ebpf:"sock_states"`
+	TuningRules      *ebpf.Map `ebpf:"tuning_rules"`
 }
 
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
+		m.ClearedPorts,
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,
 		m.PolicyCidrs,
 		m.PolicyPorts,
+		m.ProbationSockets,
 		m.RefusalGen,
 		m.Refusals,
 		m.RefusingPorts,

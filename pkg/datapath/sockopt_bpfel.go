@@ -16,6 +16,7 @@ import (
 type sockoptPortKey struct {
 	_     structs.HostLayout
 	Netns uint64
+	Addr  [4]uint32
 	Port  uint32
 	Pad   uint32
 }
@@ -54,9 +55,11 @@ type sockoptSockState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockoptMapClearedPorts         = "cleared_ports"
 	sockoptMapCounters             = "counters"
 	sockoptMapLocalAddrs           = "local_addrs"
 	sockoptMapPending              = "pending"
+	sockoptMapProbationSockets     = "probation_sockets"
 	sockoptMapRefusalGen           = "refusal_gen"
 	sockoptMapRefusals             = "refusals"
 	sockoptMapRefusingPorts        = "refusing_ports"
@@ -115,15 +118,17 @@ type sockoptProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockoptMapSpecs struct {
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
-	Pending       *ebpf.MapSpec `ebpf:"pending"`
-	RefusalGen    *ebpf.MapSpec `ebpf:"refusal_gen"`
-	Refusals      *ebpf.MapSpec `ebpf:"refusals"`
-	RefusingPorts *ebpf.MapSpec `ebpf:"refusing_ports"`
-	Settings      *ebpf.MapSpec `ebpf:"settings"`
-	SockHash      *ebpf.MapSpec `ebpf:"sock_hash"`
-	SockStates    *ebpf.MapSpec `ebpf:"sock_states"`
+	ClearedPorts     *ebpf.MapSpec `ebpf:"cleared_ports"`
+	Counters         *ebpf.MapSpec `ebpf:"counters"`
+	LocalAddrs       *ebpf.MapSpec `ebpf:"local_addrs"`
+	Pending          *ebpf.MapSpec `ebpf:"pending"`
+	ProbationSockets *ebpf.MapSpec `ebpf:"probation_sockets"`
+	RefusalGen       *ebpf.MapSpec `ebpf:"refusal_gen"`
+	Refusals         *ebpf.MapSpec `ebpf:"refusals"`
+	RefusingPorts    *ebpf.MapSpec `ebpf:"refusing_ports"`
+	Settings         *ebpf.MapSpec `ebpf:"settings"`
+	SockHash         *ebpf.MapSpec `ebpf:"sock_hash"`
+	SockStates       *ebpf.MapSpec `ebpf:"sock_states"`
 }
 
 // sockoptVariableSpecs contains global variables before they are loaded into the kernel.
@@ -152,22 +157,26 @@ func (o *sockoptObjects) Close() error {
 //
 // It can be passed to loadSockoptObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockoptMaps struct {
-	Counters      *ebpf.Map `ebpf:"counters"`
-	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
-	Pending       *ebpf.Map `ebpf:"pending"`
-	RefusalGen    *ebpf.Map `ebpf:"refusal_gen"`
-	Refusals      *ebpf.Map `ebpf:"refusals"`
-	RefusingPorts *ebpf.Map `ebpf:"refusing_ports"`
-	Settings      *ebpf.Map `ebpf:"settings"`
-	SockHash      *ebpf.Map `ebpf:"sock_hash"`
-	SockStates    *ebpf.Map `ebpf:"sock_states"`
+	ClearedPorts     *ebpf.Map `ebpf:"cleared_ports"`
+	Counters         *ebpf.Map `ebpf:"counters"`
+	LocalAddrs       *ebpf.Map `ebpf:"local_addrs"`
+	Pending          *ebpf.Map `ebpf:"pending"`
+	ProbationSockets *ebpf.Map `ebpf:"probation_sockets"`
+	RefusalGen       *ebpf.Map `ebpf:"refusal_gen"`
+	Refusals         *ebpf.Map `ebpf:"refusals"`
+	RefusingPorts    *ebpf.Map `ebpf:"refusing_ports"`
+	Settings         *ebpf.Map `ebpf:"settings"`
+	SockHash         *ebpf.Map `ebpf:"sock_hash"`
+	SockStates       *ebpf.Map `ebpf:"sock_states"`
 }
 
 func (m *sockoptMaps) Close() error {
 	return _SockoptClose(
+		m.ClearedPorts,
 		m.Counters,
 		m.LocalAddrs,
 		m.Pending,
+		m.ProbationSockets,
 		m.RefusalGen,
 		m.Refusals,
 		m.RefusingPorts,

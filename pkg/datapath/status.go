@@ -1,8 +1,10 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
+	"net/netip"
 	"text/tabwriter"
 
 	"github.com/cilium/ebpf"
@@ -31,6 +33,9 @@ type Status struct {
 	// RefusingPorts are server ports whose sockets read in a way that
 	// tcp_bpf gets wrong, so their connections get no redirected bytes.
 	RefusingPorts []RefusingPort `json:"refusing_ports,omitempty"`
+	// ClearedPorts are server ports whose probation ended well: their
+	// connections are accelerated. Any other port's are on probation.
+	ClearedPorts []ServerPort `json:"cleared_ports,omitempty"`
 	// Kernel is what this kernel does with sockets in a sockhash.
 	Kernel        KernelRules `json:"kernel"`
 	MapSize       uint32      `json:"map_size,omitempty"`
@@ -40,11 +45,36 @@ type Status struct {
 	Counters      Counters    `json:"counters"`
 }
 
-// RefusingPort is a server port, in the network namespace with cookie NetNS
-// (0 for all but loopback), whose sockets take their bytes over TCP only.
+// ServerPort is a server's address and port, in the network namespace with
+// cookie NetNS (0 for all but loopback).
+type ServerPort struct {
+	NetNS   uint64     `json:"netns,omitempty"`
+	Address netip.Addr `json:"address"`
+	Port    uint32     `json:"port"`
+}
+
+func (p ServerPort) String() string {
+	return netip.AddrPortFrom(p.Address, uint16(p.Port)).String()
+}
+
+// addrOf turns an address as the BPF side keys it (network byte order, IPv4
+// IPv4-mapped) back into its own family.
+func addrOf(words [4]uint32) netip.Addr {
+	var b [16]byte
+	for i, w := range words {
+		binary.NativeEndian.PutUint32(b[4*i:], w)
+	}
+	return netip.AddrFrom16(b).Unmap()
+}
+
+func serverPort(k sockopsPortKey) ServerPort {
+	return ServerPort{NetNS: k.Netns, Address: addrOf(k.Addr), Port: k.Port}
+}
+
+// RefusingPort is a server port whose sockets take their bytes over TCP
+// only, and why.
 type RefusingPort struct {
-	NetNS  uint64 `json:"netns,omitempty"`
-	Port   uint32 `json:"port"`
+	ServerPort
 	Reason string `json:"reason"`
 }
 
@@ -73,6 +103,11 @@ type Counters struct {
 	// because of how they read (SO_RCVLOWAT, FIONREAD where it can't count
 	// redirected bytes).
 	InboundRefused uint64 `json:"inbound_refused"`
+	// ProbationConnections counts connections held on TCP while their
+	// server port was on probation; PortsCleared, the ports whose
+	// probation ended well.
+	ProbationConnections uint64 `json:"probation_connections"`
+	PortsCleared         uint64 `json:"ports_cleared"`
 }
 
 // counterFields lists Counters' fields in the order of enum counter in
@@ -80,7 +115,7 @@ type Counters struct {
 func (c *Counters) counterFields() []*uint64 {
 	return []*uint64{&c.SocketsAdded, &c.AddFailures, &c.MessagesRedirected, &c.BytesRedirected,
 		&c.MessagesPassed, &c.BytesPassed, &c.PairsDeclined, &c.BlockingSkipped, &c.PolicySkipped,
-		&c.InboundRefused}
+		&c.InboundRefused, &c.ProbationConnections, &c.PortsCleared}
 }
 
 // ReadStatus reports on the datapath pinned in pinDir (DefaultPinDir if empty).
@@ -136,7 +171,14 @@ func ReadStatus(pinDir string) (Status, error) {
 		var key sockopsPortKey
 		var why uint32
 		for it := m.Iterate(); it.Next(&key, &why); {
-			st.RefusingPorts = append(st.RefusingPorts, RefusingPort{NetNS: key.Netns, Port: key.Port, Reason: refusalReasons[why]})
+			st.RefusingPorts = append(st.RefusingPorts, RefusingPort{serverPort(key), refusalReasons[why]})
+		}
+	}
+	if m := maps["cleared_ports"]; m != nil {
+		var key sockopsPortKey
+		var cleared uint8
+		for it := m.Iterate(); it.Next(&key, &cleared); {
+			st.ClearedPorts = append(st.ClearedPorts, serverPort(key))
 		}
 	}
 	if st.Sockets, st.UnreadSockets, err = countSockets(maps, st.Cgroup); err != nil {
@@ -199,8 +241,9 @@ func (s Status) spliceProtection() string {
 	case s.SpliceGuard:
 		return "on"
 	case s.SpliceWatch:
-		return "unavailable on this kernel; the splice watch puts a server port on TCP once one of its sockets splices, " +
-			"but that connection loses what is redirected to it (the daemon aborts it)"
+		return "unavailable on this kernel; the splice watch keeps a server port on TCP once one of its sockets splices: " +
+			"harmless during the port's probation, but an accelerated connection that starts to splice loses what is " +
+			"redirected to it (the daemon aborts it)"
 	}
 	return "unavailable on this kernel: splice(2) readers of accelerated sockets lose data"
 }
@@ -243,13 +286,15 @@ func (s Status) WriteText(w io.Writer) error {
 		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
 		{"refused redirected bytes", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog, blocking reads: back on TCP; "+
 			"splice: its server port on TCP)", c.InboundRefused)},
+		{"probation", fmt.Sprintf("%d connections held on TCP while their server port was new; %d ports cleared",
+			c.ProbationConnections, c.PortsCleared)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {
 		fmt.Fprintf(tw, "%s:\t%s\n", row[0], row[1])
 	}
 	for _, r := range s.RefusingPorts {
-		fmt.Fprintf(tw, "port on TCP only:\t%d (%s seen)\n", r.Port, r.Reason)
+		fmt.Fprintf(tw, "port on TCP only:\t%s (%s seen)\n", r.ServerPort, r.Reason)
 	}
 	for _, p := range s.Programs {
 		fmt.Fprintf(tw, "program:\t%s (id %d, tag %s)\n", p.Name, p.ID, p.Tag)

@@ -316,8 +316,9 @@ func checkKernelRules() Check {
 	case !rules.FIONREADCountsRedirected:
 		c.Status = Warn
 		c.Detail = "ignores redirected bytes on this kernel. Where BPF LSM programs load (see the splice guard), sockredir's FIONREAD guard " +
-			"puts a socket that asks on TCP from then on, and later connections to its server port from the start; " +
-			"the first FIONREAD on a port still misses the bytes redirected before it"
+			"puts a socket that asks on TCP from then on, and later connections to its server port from the start. " +
+			"A port's probation (the default) catches applications that ask at once; one that asks first only " +
+			"after its port was accelerated misses the bytes redirected before it"
 		c.Remedy = "a kernel whose tcp_bpf answers FIONREAD (docs/kernels.md), or exclude the ports of applications that use FIONREAD in the policy"
 	case !rules.FIONREADCountsTCP:
 		c.Status = Warn
@@ -352,10 +353,11 @@ func checkSpliceGuard() Check {
 		c.Status = Warn
 		c.Detail = fmt.Sprintf("refused (%v): applications that read accelerated sockets with splice(2) "+
 			"(Go's io.Copy between TCP connections, haproxy, ztunnel) can't read the redirected bytes. "+
-			"The splice watch puts a port on TCP once it has seen a splice there, but that first connection "+
-			"loses what is redirected to it", err)
+			"The splice watch keeps a port on TCP once it has seen a splice there, and a port's probation (the default) "+
+			"sees the applications that splice from the start; a connection that starts to splice once its port is "+
+			"accelerated (haproxy splice-auto) loses what is redirected to it", err)
 		c.Remedy = "boot with bpf in the lsm= list (cat /sys/kernel/security/lsm) on a kernel that allows trampoline programs; " +
-			"until then, exclude the ports of applications that splice (redirect.exclude_ports)"
+			"until then, exclude the ports of applications that splice only sometimes (redirect.exclude_ports)"
 	}
 	return c
 }

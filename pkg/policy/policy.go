@@ -42,6 +42,11 @@ type Redirect struct {
 	// accepting that a blocking recv(2) on them can fail with EAGAIN when
 	// it wakes without data (docs/correctness.md).
 	AccelerateBlocking bool `yaml:"accelerate_blocking"`
+	// AccelerateNewPorts accelerates a server port's connections from the
+	// first one, without the probation that first watches how the port's
+	// sockets read (docs/correctness.md). For services known to read with
+	// recv(2) from non-blocking sockets.
+	AccelerateNewPorts bool `yaml:"accelerate_new_ports"`
 }
 
 // Rule tunes the connections it matches: one of Ports (local or remote; none

@@ -12,6 +12,7 @@ redirect:
   exclude_ports: [22]
   include_cidrs: [127.0.0.0/8, "::1/128"]
   accelerate_blocking: true
+  accelerate_new_ports: true
 tuning:
   - ports: [7100]
     rcvbuf: 4194304
@@ -25,7 +26,8 @@ tuning:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(p.Redirect.ExcludePorts) != 1 || p.Redirect.ExcludePorts[0] != 22 || !p.Redirect.AccelerateBlocking {
+	if len(p.Redirect.ExcludePorts) != 1 || p.Redirect.ExcludePorts[0] != 22 || !p.Redirect.AccelerateBlocking ||
+		!p.Redirect.AccelerateNewPorts {
 		t.Errorf("redirect: %+v", p.Redirect)
 	}
 	if p.Redirect.IncludeCIDRs[1] != netip.MustParsePrefix("::1/128") {
