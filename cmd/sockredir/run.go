@@ -9,11 +9,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/policy"
 	"github.com/sockredir/sockredir/pkg/run"
 )
 
 func newRunCommand(log func() *zap.Logger) *cobra.Command {
 	opts := run.Options{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
+	var configFile string
 	cmd := &cobra.Command{
 		Use:   "run [flags] -- COMMAND [ARGS...]",
 		Short: "Accelerate one command and its children, nothing else",
@@ -23,6 +25,13 @@ func newRunCommand(log func() *zap.Logger) *cobra.Command {
 			"failures exit with 125, a command that can't be started with 126, or 127 when it is not found.",
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(_ *cobra.Command, args []string) error {
+			if configFile != "" {
+				var err error
+				if opts.Policy, err = policy.Load(configFile); err != nil {
+					fmt.Fprintln(os.Stderr, "sockredir run:", err)
+					os.Exit(run.ExitFailed)
+				}
+			}
 			opts.Command = args
 			opts.Log = log()
 			signals := make(chan os.Signal, 8)
@@ -38,6 +47,7 @@ func newRunCommand(log func() *zap.Logger) *cobra.Command {
 		},
 	}
 	cmd.Flags().SetInterspersed(false) // flags after COMMAND are the command's
+	cmd.Flags().StringVar(&configFile, "config", "", "YAML file with the redirect policy and tuning rules (see docs/policy.md)")
 	cmd.Flags().Uint32Var(&opts.MapSize, "map-size", datapath.DefaultMapSize, "sockets the sockhash holds (two per connection)")
 	cmd.Flags().BoolVar(&opts.PassOnly, "pass-only", false, "pair sockets but send every message over TCP: measures what the hooks alone cost")
 	cmd.Flags().Uint64Var(&opts.MaxBacklog, "max-backlog", 0, maxBacklogUsage)

@@ -23,6 +23,7 @@ import (
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/pkg/hostfs"
+	"github.com/sockredir/sockredir/pkg/policy"
 	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
@@ -41,9 +42,10 @@ var ForwardedSignals = []os.Signal{unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.
 type Options struct {
 	// Command is the program and its arguments.
 	Command []string
-	// MapSize and PassOnly are those of datapath.Config.
+	// MapSize, PassOnly and Policy are those of datapath.Config.
 	MapSize  uint32
 	PassOnly bool
+	Policy   *policy.Policy
 	// MaxBacklog is the upkeep's backlog limit (datapath.NewMaintainer).
 	MaxBacklog uint64
 	// Stdin, Stdout and Stderr are the command's.
@@ -77,7 +79,7 @@ func Run(opts Options) (int, error) {
 	}
 	pinDir := filepath.Join(hostfs.DefaultBPFFS, filepath.Base(cg.Path))
 	cfg := datapath.Config{
-		Cgroup: cg.Path, PinDir: pinDir, MapSize: opts.MapSize, PassOnly: opts.PassOnly,
+		Cgroup: cg.Path, PinDir: pinDir, MapSize: opts.MapSize, PassOnly: opts.PassOnly, Policy: opts.Policy,
 		// Only warnings: the command's output is what the user is after.
 		Log: log.WithOptions(zap.IncreaseLevel(zap.WarnLevel)),
 	}
