@@ -50,6 +50,20 @@ func sockredirBinary(t *testing.T) string {
 	return builtPath
 }
 
+// noProbation is a policy that accelerates a server port's connections
+// from the first one, for the tests of commands whose servers are new each
+// time (probation_test.go tests probation).
+const noProbation = "redirect:\n  accelerate_new_ports: true\n"
+
+// noProbationConfig writes noProbation to a file, for --config.
+func noProbationConfig(t *testing.T) string {
+	path := filepath.Join(t.TempDir(), "sockredir.yaml")
+	if err := os.WriteFile(path, []byte(noProbation), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func isExecutable(path string) bool {
 	fi, err := os.Stat(path)
 	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0

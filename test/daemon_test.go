@@ -215,10 +215,7 @@ func addrsChanged(key, addr string) func(map[string]any) bool {
 // reloads on SIGHUP, and on SIGTERM leaves the datapath attached.
 func TestDaemon(t *testing.T) {
 	e := harness.New(t)
-	config := filepath.Join(t.TempDir(), "sockredir.yaml")
-	if err := os.WriteFile(config, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	config := noProbationConfig(t)
 	d := startDaemon(t, e, "--config", config)
 	if m := d.scrape(); m["sockredir_up"] != 1 || m["sockredir_map_capacity_sockets"] != datapath.DefaultMapSize ||
 		m["sockredir_redirected_bytes_total"] != 0 {
@@ -270,7 +267,7 @@ func TestDaemon(t *testing.T) {
 	d.waitLog("local addresses changed", addrsChanged("removed", "10.81.0.1"))
 
 	// A policy that leaves port 7001 alone, put in place by SIGHUP.
-	if err := os.WriteFile(config, []byte("redirect:\n  exclude_ports: [7001]\n"), 0o644); err != nil {
+	if err := os.WriteFile(config, []byte(noProbation+"  exclude_ports: [7001]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	d.signal(syscall.SIGHUP)
@@ -384,7 +381,7 @@ func startAsOtherUser(t *testing.T, e *harness.Env, pod *harness.Pod, name strin
 // brought the datapath back with new maps.
 func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 	e := harness.New(t)
-	d := startDaemon(t, e, "--max-backlog", "1048576", "--check-interval", "10ms")
+	d := startDaemon(t, e, "--config", noProbationConfig(t), "--max-backlog", "1048576", "--check-interval", "10ms")
 	slowReader := func(seed uint64) {
 		t.Helper()
 		tr := slowReaderTransfer(seed)

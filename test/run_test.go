@@ -177,6 +177,7 @@ func runTransfer(t *testing.T, e *harness.Env, tr harness.Transfer, flags ...str
 	if err != nil {
 		t.Fatal(err)
 	}
+	flags = append([]string{"--config", noProbationConfig(t)}, flags...)
 	r := sockredirRun(t, e, []string{agent}, append(flags, "--", os.Args[0], "-test.run=^$")...)
 	if r.code != 0 {
 		t.Fatalf("exit status %d:\n%s", r.code, r.stderr)

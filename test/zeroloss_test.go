@@ -9,7 +9,9 @@ import (
 )
 
 // zeroLossCases run with and without sockredir under the same assertions:
-// an application must not be able to tell the difference.
+// an application must not be able to tell the difference. They run without
+// probation (the harness's default), so that their one server's first
+// connection is accelerated: probation_test.go runs the cases it changes.
 //
 // accelerated says whether sockredir redirects the case's traffic; knownBad,
 // when it returns a reason, marks a case that this kernel gets wrong under
@@ -30,7 +32,7 @@ var zeroLossCases = []struct {
 			return ""
 		}
 		return "splice(2) can't read redirected bytes, and this kernel refuses the BPF LSM splice guard: " +
-			"the splice watch puts the relay's ports on TCP once the first connection has spliced, " +
+			"without probation, the splice watch puts the relay's ports on TCP once the first connection has spliced, " +
 			"and the upkeep aborts that connection"
 	}, checkIntactNoErrors, func(r *harness.CaseResult) []string {
 		// Where the first connection is known-bad, it must fail loudly
@@ -56,7 +58,8 @@ var zeroLossCases = []struct {
 		if st.Kernel.FIONREADCountsRedirected {
 			return ""
 		}
-		return "FIONREAD ignores redirected bytes on this kernel (its tcp_bpf has no ioctl): the first FIONREAD on a server port undercounts"
+		return "FIONREAD ignores redirected bytes on this kernel (its tcp_bpf has no ioctl): " +
+			"without probation, the first FIONREAD on a server port undercounts"
 	}, func(r *harness.CaseResult) []string {
 		problems := checkIntactNoErrors(r)
 		if r.Values["fionread"] != 1000 {

@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/policy"
 	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
@@ -23,7 +24,12 @@ type Env struct {
 	Cgroup string
 	PinDir string
 	NS     *sandbox.Netns
-	cgroup *sandbox.Cgroup
+	// Probation keeps sockredir's default of holding a server port's
+	// first connections on TCP. Tests that aren't about it leave it off:
+	// each of their servers is new, and they check what happens to its
+	// first connection once accelerated.
+	Probation bool
+	cgroup    *sandbox.Cgroup
 }
 
 // RequirePrivileges skips a test that can't load BPF, except in CI
@@ -77,6 +83,14 @@ func (e *Env) Do(fn func() error) {
 func (e *Env) Up(cfg datapath.Config) datapath.UpResult {
 	e.T.Helper()
 	cfg.Cgroup, cfg.PinDir = e.Cgroup, e.PinDir
+	if !e.Probation {
+		p := policy.Policy{}
+		if cfg.Policy != nil {
+			p = *cfg.Policy
+		}
+		p.Redirect.AccelerateNewPorts = true
+		cfg.Policy = &p
+	}
 	var res datapath.UpResult
 	e.Do(func() (err error) {
 		res, err = datapath.Up(cfg)

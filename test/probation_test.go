@@ -1,0 +1,118 @@
+package test
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/test/harness"
+)
+
+// Probation, sockredir's default: a server port's connections stay on plain
+// TCP, watched, until one of them ends having shown that the port's server
+// reads in a way tcp_bpf gets right (bpf/sockops.c). These tests keep it on.
+
+func upWithProbation(t *testing.T) *harness.Env {
+	e := harness.New(t)
+	e.Probation = true
+	e.Up(datapath.Config{})
+	return e
+}
+
+// waitForStatus polls the status until ok holds, for what is settled only
+// once a connection's sockets are closed.
+func waitForStatus(t *testing.T, e *harness.Env, what string, ok func(datapath.Status) bool) datapath.Status {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st := e.Status()
+		if ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 5 s for %s; status %+v", what, st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A port's first connection goes over TCP. Once it has ended, its server
+// having read from a non-blocking socket with recv(2), the port is cleared
+// and its next connection is accelerated.
+func TestProbationClearsAPort(t *testing.T) {
+	e := upWithProbation(t)
+	tr := harness.Transfer{Listen: "127.0.0.1:7301", Bytes: 1 << 20, Seed: 41}
+	var first harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &first)
+	tr.Check(t, &first)
+	if c := e.Status().Counters; c.BytesRedirected != 0 || c.SocketsAdded != 0 || c.ProbationConnections != 1 {
+		t.Errorf("first connection: counters %+v, want it on TCP, on probation", c)
+	}
+	st := waitForStatus(t, e, "the port to be cleared", func(st datapath.Status) bool { return st.Counters.PortsCleared == 1 })
+	if !slices.ContainsFunc(st.ClearedPorts, func(p datapath.ServerPort) bool { return p.String() == "127.0.0.1:7301" }) {
+		t.Errorf("cleared ports %v, want 127.0.0.1:7301", st.ClearedPorts)
+	}
+
+	tr.Seed = 43
+	var next harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &next)
+	tr.Check(t, &next)
+	if c := e.Status().Counters; c.BytesRedirected != uint64(2*tr.Bytes) || c.SocketsAdded != 2 || c.ProbationConnections != 1 {
+		t.Errorf("next connection: counters %+v, want both of its streams redirected", c)
+	}
+}
+
+// A Go relay reads with splice(2), which can't see redirected bytes. On
+// probation its connections stay on TCP, where splice reads everything, and
+// both of the relay's ports stay there: the one it serves and the one it
+// splices from as a client. No upkeep is needed for that, on any kernel.
+func TestProbationKeepsSpliceReadersOnTCP(t *testing.T) {
+	e := upWithProbation(t)
+	r := runCase(t, e, "splice-relay", 8<<20)
+	for _, p := range checkIntactNoErrors(&r) {
+		t.Error(p)
+	}
+	st := e.Status()
+	if st.Counters.BytesRedirected != 0 || st.Counters.PortsCleared != 0 {
+		t.Errorf("counters %+v, want nothing redirected and no port cleared", st.Counters)
+	}
+	if len(st.RefusingPorts) != 2 || st.RefusingPorts[0].Reason != "splice" || st.RefusingPorts[1].Reason != "splice" {
+		t.Errorf("ports kept on TCP: %+v, want the relay's and its upstream's, for splice", st.RefusingPorts)
+	}
+}
+
+// FIONREAD counts every waiting byte on both connections to a port, also on
+// kernels whose tcp_bpf can't count redirected bytes (6.1): there the guard
+// keeps the port on TCP once its probation connection asks.
+func TestProbationFIONREAD(t *testing.T) {
+	e := upWithProbation(t)
+	r := runCase(t, e, "fionread", 1000)
+	for _, name := range []string{"fionread", "fionread_next_connection"} {
+		if r.Values[name] != 1000 {
+			t.Errorf("%s: FIONREAD says %d bytes are waiting, want 1000", name, r.Values[name])
+		}
+	}
+	st := e.Status()
+	if st.Counters.BytesRedirected != 0 {
+		t.Errorf("counters %+v: a server that never reads must not clear its port", st.Counters)
+	}
+	if st.FIONREADGuard && (len(st.RefusingPorts) != 1 || st.RefusingPorts[0].Reason != "FIONREAD") {
+		t.Errorf("ports kept on TCP: %+v, want the server's, for FIONREAD", st.RefusingPorts)
+	}
+}
+
+// A blocking server can get EAGAIN from a blocking recv(2) on an
+// accelerated socket. Its probation connection shows that it blocks, so its
+// port stays on TCP, without the daemon's upkeep.
+func TestProbationKeepsBlockingServersOnTCP(t *testing.T) {
+	e := upWithProbation(t)
+	runCase(t, e, "blocking-server-twice", 4096)
+	st := waitForStatus(t, e, "the server's port to be kept on TCP", func(st datapath.Status) bool { return len(st.RefusingPorts) > 0 })
+	if c := st.Counters; c.BytesRedirected != 0 || c.SocketsAdded != 0 || c.PortsCleared != 0 || c.ProbationConnections != 1 {
+		t.Errorf("counters %+v, want the first connection on probation and the second on TCP from the start", c)
+	}
+	if len(st.RefusingPorts) != 1 || st.RefusingPorts[0].Reason != "blocking reads" {
+		t.Errorf("ports kept on TCP: %+v, want the server's, for its blocking reads", st.RefusingPorts)
+	}
+}
