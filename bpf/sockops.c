@@ -311,7 +311,7 @@ static __always_inline int on_probation(struct settings *s, struct sock_key *k)
 /* Leaves a socket of a probation connection on TCP and watches it: the
  * guards, the setsockopt program and the splice watch (which finds it by its
  * cookie) mark its port when it reads in a way tcp_bpf gets wrong, and its
- * state changes end the probation (end_of_probation). */
+ * state changes end the probation (watch_probation). */
 static __always_inline void begin_probation(struct bpf_sock_ops *skops, struct sock_key *k, __u32 flags)
 {
 	struct bpf_sock *sk = skops->sk;

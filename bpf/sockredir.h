@@ -50,11 +50,9 @@ enum redirect_mode {
 };
 
 /* sock_state.flags */
-#define SOCK_PASSIVE (1 << 0)   /* the server side of its connection */
-#define SOCK_PROBATION (1 << 1) /* on TCP, out of sock_hash: its connection
-				 * is its server port's probation (sockops.c) */
-#define SOCK_NONBLOCKING (1 << 2) /* a probation server's file was seen
-				   * non-blocking */
+#define SOCK_PASSIVE (1 << 0)     /* the server side of its connection */
+#define SOCK_PROBATION (1 << 1)   /* on TCP, out of sock_hash, watched (sockops.c) */
+#define SOCK_NONBLOCKING (1 << 2) /* a probation server's file was seen non-blocking */
 
 /* Per-socket state, in socket-local storage. */
 struct sock_state {
