@@ -70,10 +70,12 @@ int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
 {
 	struct sock_state *st;
 
-	if (ret || !(mask & MAY_READ))
+	/* Every read of every file passes here: the system call is the
+	 * cheapest thing to look at first. */
+	if (ret || !(mask & MAY_READ) || !is_splice_syscall())
 		return ret;
 	st = watched_state(file);
-	if (!st || !is_splice_syscall())
+	if (!st)
 		return 0;
 	if (!(st->flags & SOCK_PROBATION))
 		return -EINVAL;

@@ -252,15 +252,16 @@ static __always_inline void tune(struct bpf_sock_ops *skops, struct settings *s)
  * of sock_hash. */
 static __always_inline int refuses_from_start(struct tcp_sock *tp, struct sock_key *k, int passive)
 {
+	int refused = BPF_CORE_READ((struct sock *)tp, sk_rcvlowat) > 1;
 	struct port_key port;
 
-	server_port(k, passive, &port);
-	if (BPF_CORE_READ((struct sock *)tp, sk_rcvlowat) > 1 ||
-	    (passive && bpf_map_lookup_elem(&refusing_ports, &port))) {
-		count(COUNTER_INBOUND_REFUSED, 1);
-		return 1;
+	if (!refused && passive) {
+		server_port(k, 1, &port);
+		refused = bpf_map_lookup_elem(&refusing_ports, &port) != 0;
 	}
-	return 0;
+	if (refused)
+		count(COUNTER_INBOUND_REFUSED, 1);
+	return refused;
 }
 
 /* Gives a socket its state, for connection k. */
