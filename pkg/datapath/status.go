@@ -36,6 +36,9 @@ type Status struct {
 	// ClearedPorts are server ports whose probation ended well: their
 	// connections are accelerated. Any other port's are on probation.
 	ClearedPorts []ServerPort `json:"cleared_ports,omitempty"`
+	// ProbationSockets are the sockets of probation connections open now:
+	// on TCP, watched until they close.
+	ProbationSockets int `json:"probation_sockets"`
 	// Kernel is what this kernel does with sockets in a sockhash.
 	Kernel        KernelRules `json:"kernel"`
 	MapSize       uint32      `json:"map_size,omitempty"`
@@ -181,6 +184,13 @@ func ReadStatus(pinDir string) (Status, error) {
 			st.ClearedPorts = append(st.ClearedPorts, serverPort(key))
 		}
 	}
+	if m := maps["probation_sockets"]; m != nil {
+		var cookie uint64
+		var port sockopsPortKey
+		for it := m.Iterate(); it.Next(&cookie, &port); {
+			st.ProbationSockets++
+		}
+	}
 	if st.Sockets, st.UnreadSockets, err = countSockets(maps, st.Cgroup); err != nil {
 		return st, err
 	}
@@ -286,8 +296,8 @@ func (s Status) WriteText(w io.Writer) error {
 		{"left on TCP by the policy", fmt.Sprint(c.PolicySkipped)},
 		{"refused redirected bytes", fmt.Sprintf("%d sockets (SO_RCVLOWAT, FIONREAD, a backlog, blocking reads: back on TCP; "+
 			"splice: its server port on TCP)", c.InboundRefused)},
-		{"probation", fmt.Sprintf("%d connections held on TCP while their server port was new; %d ports cleared",
-			c.ProbationConnections, c.PortsCleared)},
+		{"probation", fmt.Sprintf("%d connections held on TCP while their server port was new (%d sockets watched now); %d ports cleared",
+			c.ProbationConnections, s.ProbationSockets, c.PortsCleared)},
 		{"redirected", fmt.Sprintf("%d messages, %d bytes", c.MessagesRedirected, c.BytesRedirected)},
 		{"passed to TCP", fmt.Sprintf("%d messages, %d bytes", c.MessagesPassed, c.BytesPassed)},
 	} {
