@@ -495,9 +495,12 @@ static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct s
 	cookie = bpf_get_socket_cookie(skops);
 	bpf_map_delete_elem(&probation_sockets, &cookie);
 	st->flags &= ~SOCK_PROBATION;
-	/* copied_seq starts where the peer's first byte is: its key's
-	 * local_seq. */
-	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) || tp->copied_seq == st->peer.local_seq)
+	/* The server must have read data: copied_seq starts where the peer's
+	 * first byte is (its key's local_seq) and moves by one for the FIN,
+	 * all that a connection that carried nothing (a health check) gives
+	 * to read, showing nothing of how the server reads a stream. */
+	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) ||
+	    tp->copied_seq - st->peer.local_seq < 2)
 		return;
 	mirror_key(&st->peer, &own);
 	server_port(&own, 1, &port);

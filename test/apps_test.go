@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -36,17 +37,47 @@ func requireApps(t *testing.T, names ...string) {
 	}
 }
 
-// forBothModes runs fn without and with sockredir, in fresh sandboxes.
-func forBothModes(t *testing.T, fn func(t *testing.T, e *harness.Env, accelerated bool)) {
-	for _, accelerated := range []bool{false, true} {
-		t.Run(map[bool]string{false: "plain", true: "sockredir"}[accelerated], func(t *testing.T) {
+// mode is how a program runs: on plain TCP, with sockredir accelerating
+// every connection (accelerate_new_ports: the datapath's strictest test), or
+// with sockredir's defaults, which hold each new server port on TCP until one
+// of its connections has shown how the server reads (probation).
+type mode int
+
+const (
+	plain mode = iota
+	everyConnection
+	defaults
+)
+
+func (m mode) String() string {
+	return [...]string{"plain", "sockredir", "defaults"}[m]
+}
+
+// accelerated says whether sockredir is attached.
+func (m mode) accelerated() bool { return m != plain }
+
+// forEachMode runs fn in every mode, each in a fresh sandbox.
+func forEachMode(t *testing.T, fn func(t *testing.T, e *harness.Env, m mode)) {
+	for _, m := range []mode{plain, everyConnection, defaults} {
+		t.Run(m.String(), func(t *testing.T) {
 			e := harness.New(t)
-			if accelerated {
+			if m.accelerated() {
+				e.Probation = m == defaults
 				e.Up(datapath.Config{})
 			}
-			fn(t, e, accelerated)
+			fn(t, e, m)
 		})
 	}
+}
+
+// awaitCleared waits until sockredir has cleared the server port addr, which
+// happens when a connection to it closes after its server read as tcp_bpf
+// needs (probation).
+func awaitCleared(t *testing.T, e *harness.Env, addr string) {
+	t.Helper()
+	waitForStatus(t, e, addr+" to be cleared", func(st datapath.Status) bool {
+		return slices.ContainsFunc(st.ClearedPorts, func(p datapath.ServerPort) bool { return p.String() == addr })
+	})
 }
 
 // expectRedirected fails t unless sockredir carried at least n bytes.
@@ -105,7 +136,7 @@ func randomFile(t *testing.T, size int) (path string, sum [32]byte) {
 
 func TestAppRedis(t *testing.T) {
 	requireApps(t, "redis-server", "redis-cli", "redis-benchmark")
-	forBothModes(t, func(t *testing.T, e *harness.Env, accelerated bool) {
+	forEachMode(t, func(t *testing.T, e *harness.Env, m mode) {
 		serve(t, e, 6400, "redis-server", "--port", "6400", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
 		raw := make([]byte, 3<<20)
 		rand.Read(raw)
@@ -114,11 +145,14 @@ func TestAppRedis(t *testing.T) {
 		if got := strings.TrimSuffix(run(t, e, nil, "redis-cli", "-p", "6400", "--raw", "GET", "big"), "\n"); got != value {
 			t.Errorf("GET returned %d bytes that differ from the %d SET", len(got), len(value))
 		}
+		if m == defaults {
+			awaitCleared(t, e, "127.0.0.1:6400")
+		}
 		out := run(t, e, nil, "redis-benchmark", "-p", "6400", "-n", "20000", "-c", "16", "-d", "512", "-t", "set,get", "-q")
 		if !strings.Contains(out, "SET:") || !strings.Contains(out, "GET:") {
 			t.Errorf("redis-benchmark: %s", out)
 		}
-		if accelerated {
+		if m.accelerated() {
 			expectRedirected(t, e, 20000*512) // the GET replies alone
 		}
 	})
@@ -183,11 +217,15 @@ func TestAppNginxCurl(t *testing.T) {
 	requireApps(t, "nginx", "curl")
 	for _, sendfile := range []string{"on", "off"} {
 		t.Run("sendfile-"+sendfile, func(t *testing.T) {
-			forBothModes(t, func(t *testing.T, e *harness.Env, accelerated bool) {
+			forEachMode(t, func(t *testing.T, e *harness.Env, m mode) {
 				payload, sum := randomFile(t, 64<<20)
 				startNginx(t, e, filepath.Dir(payload), 8081, sendfile)
 				fetch(t, e, "http://127.0.0.1:8081/payload", sum)
-				if accelerated {
+				if m == defaults {
+					awaitCleared(t, e, "127.0.0.1:8081")
+					fetch(t, e, "http://127.0.0.1:8081/payload", sum)
+				}
+				if m.accelerated() {
 					expectRedirected(t, e, 64<<20)
 				}
 			})
@@ -209,12 +247,13 @@ listen sidecar
 `
 
 // haproxy in TCP mode as a sidecar in front of nginx. With splice-auto it
-// reads with splice(2), which only the splice guard keeps whole.
+// may read with splice(2), which only the splice guard keeps whole when
+// every connection is accelerated.
 func TestAppHAProxySidecar(t *testing.T) {
 	requireApps(t, "haproxy", "nginx", "curl")
 	for _, option := range []string{"", "option splice-auto"} {
 		t.Run(map[string]string{"": "no-splice", "option splice-auto": "splice-auto"}[option], func(t *testing.T) {
-			forBothModes(t, func(t *testing.T, e *harness.Env, accelerated bool) {
+			forEachMode(t, func(t *testing.T, e *harness.Env, m mode) {
 				payload, sum := randomFile(t, 32<<20)
 				dir := filepath.Dir(payload)
 				startNginx(t, e, dir, 8081, "on")
@@ -224,7 +263,18 @@ func TestAppHAProxySidecar(t *testing.T) {
 				}
 				serve(t, e, 8080, "haproxy", "-db", "-f", conf)
 				url := "http://127.0.0.1:8080/payload"
-				if accelerated && option != "" && !e.Status().SpliceGuard {
+				if m == defaults {
+					// The first fetch is on probation. With splice-auto,
+					// haproxy splices only once nginx's side has ended
+					// (to read its EOF), never while bytes are still
+					// redirected to it.
+					fetch(t, e, url, sum)
+					awaitCleared(t, e, "127.0.0.1:8080")
+					fetch(t, e, url, sum)
+					expectRedirected(t, e, 32<<20)
+					return
+				}
+				if m == everyConnection && option != "" && !e.Status().SpliceGuard {
 					// As with the splice-relay case: the first fetch may
 					// fail (loudly), the next one must not.
 					defer runMaintainer(t, e, 0)()
@@ -237,7 +287,7 @@ func TestAppHAProxySidecar(t *testing.T) {
 					return
 				}
 				fetch(t, e, url, sum)
-				if accelerated {
+				if m.accelerated() {
 					expectRedirected(t, e, 32<<20)
 				}
 			})
@@ -249,7 +299,7 @@ func TestAppIperf3(t *testing.T) {
 	requireApps(t, "iperf3")
 	for _, reverse := range []bool{false, true} {
 		t.Run(map[bool]string{false: "client-sends", true: "server-sends"}[reverse], func(t *testing.T) {
-			forBothModes(t, func(t *testing.T, e *harness.Env, accelerated bool) {
+			forEachMode(t, func(t *testing.T, e *harness.Env, m mode) {
 				serve(t, e, 5201, "iperf3", "-s", "-B", "127.0.0.1", "-p", "5201")
 				args := []string{"-c", "127.0.0.1", "-p", "5201", "-t", "2", "-J"}
 				if reverse {
@@ -273,7 +323,7 @@ func TestAppIperf3(t *testing.T) {
 				// iperf3 connects with blocking sockets, which sockredir
 				// leaves on TCP (tcp_bpf's blocking reads can fail with
 				// EAGAIN) unless the policy says otherwise.
-				if c := e.Status().Counters; accelerated && (c.BlockingSkipped == 0 || c.BytesRedirected != 0) {
+				if c := e.Status().Counters; m.accelerated() && (c.BlockingSkipped == 0 || c.BytesRedirected != 0) {
 					t.Errorf("want iperf3's blocking connections left on TCP, got %+v", c)
 				}
 			})
@@ -284,14 +334,27 @@ func TestAppIperf3(t *testing.T) {
 // socat relaying between a client and a server: every byte through it.
 func TestAppSocatRelay(t *testing.T) {
 	requireApps(t, "socat")
-	forBothModes(t, func(t *testing.T, e *harness.Env, accelerated bool) {
-		e.StartCommand(exec.Command("socat", "TCP-LISTEN:7101,bind=127.0.0.1,reuseaddr", "TCP:127.0.0.1:7100"))
+	forEachMode(t, func(t *testing.T, e *harness.Env, m mode) {
+		e.StartCommand(exec.Command("socat", "TCP-LISTEN:7101,bind=127.0.0.1,reuseaddr,fork", "TCP:127.0.0.1:7100"))
 		tr := harness.Transfer{Listen: "127.0.0.1:7100", Dial: "127.0.0.1", DialPort: 7101, Bytes: 32 << 20, Seed: 21, OneWay: true}
 		var res harness.TransferResult
 		time.Sleep(200 * time.Millisecond) // socat listening
 		e.Run(harness.Scenario{Transfer: &tr}, &res)
 		tr.Check(t, &res)
-		if accelerated {
+		if m == defaults {
+			// socat reads its sockets blocking: probation keeps its
+			// port on TCP.
+			tr.Seed = 22
+			e.Run(harness.Scenario{Transfer: &tr}, &res)
+			tr.Check(t, &res)
+			st := e.Status()
+			if len(st.RefusingPorts) != 1 || st.RefusingPorts[0].Reason != "blocking reads" || st.Counters.BytesRedirected != 0 {
+				t.Errorf("ports kept on TCP %+v, counters %+v: want socat's, for blocking reads, and nothing redirected",
+					st.RefusingPorts, st.Counters)
+			}
+			return
+		}
+		if m.accelerated() {
 			expectRedirected(t, e, uint64(tr.Bytes)) // the client's side; socat connects with a blocking socket
 		}
 	})

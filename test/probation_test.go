@@ -116,3 +116,31 @@ func TestProbationKeepsBlockingServersOnTCP(t *testing.T) {
 		t.Errorf("ports kept on TCP: %+v, want the server's, for its blocking reads", st.RefusingPorts)
 	}
 }
+
+// A connection that carries nothing, as a health check's, shows nothing of
+// how its server reads a stream: its end leaves the port on probation, and
+// the next connection, which carries data, is the one that clears it.
+func TestProbationIgnoresEmptyConnections(t *testing.T) {
+	e := upWithProbation(t)
+	// The client sends nothing and half-closes; the server reads the EOF
+	// and closes.
+	check := harness.Transfer{Listen: "127.0.0.1:7303", OneWay: true, ServerAnswersEOF: true}
+	var checked harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &check}, &checked)
+	check.Check(t, &checked)
+	st := waitForStatus(t, e, "the health check's probation to end", func(st datapath.Status) bool {
+		return st.Counters.ProbationConnections == 1 && st.ProbationSockets == 0
+	})
+	if st.Counters.PortsCleared != 0 {
+		t.Fatalf("counters %+v: a connection that carried nothing cleared its port", st.Counters)
+	}
+
+	tr := harness.Transfer{Listen: "127.0.0.1:7303", Bytes: 64 << 10, Seed: 47, ServerAnswersEOF: true}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	st = waitForStatus(t, e, "the port to be cleared", func(st datapath.Status) bool { return st.Counters.PortsCleared == 1 })
+	if c := st.Counters; c.BytesRedirected != 0 || c.ProbationConnections != 2 {
+		t.Errorf("counters %+v, want the transfer on probation, over TCP", c)
+	}
+}

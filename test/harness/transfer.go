@@ -57,6 +57,10 @@ type Transfer struct {
 	// FIONREAD, which must count them (only on kernels whose tcp_bpf
 	// counts redirected bytes: elsewhere asking refuses acceleration).
 	CheckFIONREAD bool `json:"check_fionread,omitempty"`
+	// ServerAnswersEOF: the server reads until the client's EOF before it
+	// writes and half-closes, as a server of requests does (a health
+	// check, whose client sends nothing, then sees the server close last).
+	ServerAnswersEOF bool `json:"server_answers_eof,omitempty"`
 }
 
 // Received is what one side of a connection read.
@@ -136,7 +140,7 @@ func (t *Transfer) Run() (*TransferResult, error) {
 			startClient()
 		}
 		wg.Go(func() {
-			res.Server[i], errs[2*i+1] = t.exchange(server.(*net.TCPConn), t.serverBytes(), t.Seed+2*uint64(i)+1, t.ServerReadDelay)
+			res.Server[i], errs[2*i+1] = t.serverExchange(server.(*net.TCPConn), t.Seed+2*uint64(i)+1)
 		})
 	}
 	wg.Wait()
@@ -159,7 +163,7 @@ func (t *Transfer) Serve(ln net.Listener) (Received, error) {
 		return Received{}, err
 	}
 	defer c.Close()
-	return t.exchange(c.(*net.TCPConn), t.serverBytes(), t.Seed+1, t.ServerReadDelay)
+	return t.serverExchange(c.(*net.TCPConn), t.Seed+1)
 }
 
 func (t *Transfer) serverBytes() int64 {
@@ -167,6 +171,18 @@ func (t *Transfer) serverBytes() int64 {
 		return 0
 	}
 	return t.Bytes
+}
+
+// serverExchange is the server's side of the exchange on c.
+func (t *Transfer) serverExchange(c *net.TCPConn, seed uint64) (Received, error) {
+	if !t.ServerAnswersEOF {
+		return t.exchange(c, t.serverBytes(), seed, t.ServerReadDelay)
+	}
+	got, err := readAll(c, seed, t.ReadPause)
+	if err != nil {
+		return got, err
+	}
+	return got, writeStream(c, t.serverBytes(), seed, t.HoldOpen)
 }
 
 func (t *Transfer) exchange(c *net.TCPConn, n int64, seed uint64, readDelay time.Duration) (Received, error) {
