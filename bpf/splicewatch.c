@@ -2,9 +2,10 @@
 /* The splice watch: where the kernel refuses the BPF LSM splice guard
  * (guard.c), tracepoints on splice(2) and sendfile(2) notice a socket of
  * sock_hash that starts to be read that way, and record it in refusals
- * (REFUSED_SPLICE). Its server port is then marked (by the socket's next
- * message, or by the upkeep's inspector), so that the service's next
- * connections stay on TCP from the start.
+ * (REFUSED_SPLICE). Its server port is then marked (here, if probation
+ * cleared it; else by the peer's next message, or by the upkeep's
+ * inspector), so that the service's next connections stay on TCP from the
+ * start.
  *
  * A tracepoint can't fail the call, and this connection can't be saved:
  * bytes redirected to the socket before its first splice, or on their way
@@ -85,6 +86,27 @@ static __always_inline int sock_hash_key(struct sock *sk, struct sock_key *key)
 	return 0;
 }
 
+/* Marks the server port of the sock_hash connection key, if it can tell
+ * which end is the server without the socket's storage (which a tracepoint
+ * can't reach): the end whose port probation cleared. Otherwise the port is
+ * marked when the splicing socket next sends, or by the upkeep; but a
+ * reader that only reads, or splices once to find its EOF and closes, may
+ * never send again, and without the upkeep the service's next connections
+ * would lose their bytes the same way. */
+static __always_inline void mark_cleared_server_port(struct sock_key *key)
+{
+	__u32 why = REFUSED_SPLICE;
+	struct port_key port;
+
+	server_port(key, 1, &port);
+	if (!bpf_map_lookup_elem(&cleared_ports, &port)) {
+		server_port(key, 0, &port);
+		if (!bpf_map_lookup_elem(&cleared_ports, &port))
+			return;
+	}
+	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
+}
+
 static __always_inline void watch(__u64 fd)
 {
 	struct sock *sk = socket_of_fd(fd);
@@ -97,7 +119,8 @@ static __always_inline void watch(__u64 fd)
 	if (!sk)
 		return;
 	if (sock_hash_key(sk, &key)) {
-		record_refusal(&key, REFUSED_SPLICE);
+		if (record_refusal(&key, REFUSED_SPLICE))
+			mark_cleared_server_port(&key);
 		return;
 	}
 	cookie = BPF_CORE_READ((struct sock_common *)sk, skc_cookie.counter);

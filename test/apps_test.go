@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -68,16 +67,6 @@ func forEachMode(t *testing.T, fn func(t *testing.T, e *harness.Env, m mode)) {
 			fn(t, e, m)
 		})
 	}
-}
-
-// awaitCleared waits until sockredir has cleared the server port addr, which
-// happens when a connection to it closes after its server read as tcp_bpf
-// needs (probation).
-func awaitCleared(t *testing.T, e *harness.Env, addr string) {
-	t.Helper()
-	waitForStatus(t, e, addr+" to be cleared", func(st datapath.Status) bool {
-		return slices.ContainsFunc(st.ClearedPorts, func(p datapath.ServerPort) bool { return p.String() == addr })
-	})
 }
 
 // expectRedirected fails t unless sockredir carried at least n bytes.

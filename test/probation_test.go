@@ -37,6 +37,16 @@ func waitForStatus(t *testing.T, e *harness.Env, what string, ok func(datapath.S
 	}
 }
 
+// awaitCleared waits until sockredir has cleared the server port addr, which
+// happens when a connection to it closes after its server read as tcp_bpf
+// needs (probation).
+func awaitCleared(t *testing.T, e *harness.Env, addr string) {
+	t.Helper()
+	waitForStatus(t, e, addr+" to be cleared", func(st datapath.Status) bool {
+		return slices.ContainsFunc(st.ClearedPorts, func(p datapath.ServerPort) bool { return p.String() == addr })
+	})
+}
+
 // A port's first connection goes over TCP. Once it has ended, its server
 // having read from a non-blocking socket with recv(2), the port is cleared
 // and its next connection is accelerated.
@@ -142,5 +152,51 @@ func TestProbationIgnoresEmptyConnections(t *testing.T) {
 	st = waitForStatus(t, e, "the port to be cleared", func(st datapath.Status) bool { return st.Counters.PortsCleared == 1 })
 	if c := st.Counters; c.BytesRedirected != 0 || c.ProbationConnections != 2 {
 		t.Errorf("counters %+v, want the transfer on probation, over TCP", c)
+	}
+}
+
+// A service whose port was cleared starts to read with splice(2). Where the
+// splice guard loads, every such splice fails with EINVAL and the reader
+// falls back to read(2): the connections stay accelerated, and whole. Where
+// it can't, the first spliced connection loses what was redirected to it
+// (docs/correctness.md, known limitations), but the port is marked at that
+// splice, without the upkeep, and the next connection stays on TCP, whole,
+// though its client had sent everything and closed before the server read.
+func TestProbationSpliceReaderAfterClearing(t *testing.T) {
+	e := upWithProbation(t)
+	tr := harness.Transfer{Listen: "127.0.0.1:7305", Bytes: 64 << 10, Seed: 51, ServerAnswersEOF: true}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	awaitCleared(t, e, "127.0.0.1:7305")
+
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "splice-reader", Bytes: 1 << 20, Target: "127.0.0.1:7305"}}, &r)
+	st := e.Status()
+	for _, suffix := range []string{"", " next connection"} {
+		got := r.Received["server"+suffix]
+		whole := got.Intact() && r.Errors["server"+suffix] == ""
+		fellBack := r.Values["read fallback"+suffix] == 1
+		switch {
+		case st.SpliceGuard && (!whole || !fellBack):
+			t.Errorf("connection%s: read %d of %d bytes intact=%v (fell back to read: %v, error %q), want all of it after EINVAL",
+				suffix, got.Bytes, got.WantSize, got.Intact(), fellBack, r.Errors["server"+suffix])
+		case !st.SpliceGuard && suffix == "" && !whole:
+			t.Logf("KNOWN-BAD: without the splice guard the first spliced connection read %d of %d bytes", got.Bytes, got.WantSize)
+		case !st.SpliceGuard && suffix != "" && !whole:
+			t.Errorf("next connection: read %d of %d bytes intact=%v (error %q), want all of it over TCP",
+				got.Bytes, got.WantSize, got.Intact(), r.Errors["server"+suffix])
+		}
+	}
+	if st.SpliceGuard {
+		return
+	}
+	if !slices.ContainsFunc(st.RefusingPorts, func(p datapath.RefusingPort) bool {
+		return p.String() == "127.0.0.1:7305" && p.Reason == "splice"
+	}) {
+		t.Errorf("ports kept on TCP: %+v, want 127.0.0.1:7305 for splice", st.RefusingPorts)
+	}
+	if c := st.Counters; c.BytesRedirected > 1<<20 {
+		t.Errorf("counters %+v: want only the first spliced connection redirected", c)
 	}
 }

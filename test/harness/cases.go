@@ -67,6 +67,7 @@ func (c Checked) Intact() bool {
 var cases = map[string]func(Case) (*CaseResult, error){
 	"half-close-blocking-client": halfCloseBlockingClient,
 	"splice-relay":               spliceRelay,
+	"splice-reader":              spliceReader,
 	"sendfile":                   withPair(sendfileSender),
 	"peek":                       withPair(peek),
 	"fionread":                   fionread,
@@ -352,6 +353,96 @@ func relayOnce(c Case, res *CaseResult, suffix string, relayLn, upstreamLn net.L
 	wg.Wait()
 	res.Received["client"+suffix] = Checked{got, 2, c.Bytes}
 	return nil
+}
+
+// spliceReader is a server on c.Target that reads with splice(2) into a
+// pipe, as haproxy and Go's io.Copy do, falling back to read(2) when splice
+// fails with EINVAL. Its client sends c.Bytes and closes before the server
+// begins to read, so a reader that splices from an accelerated socket finds
+// its EOF at once. Two connections, the second's results named "... next
+// connection"; Values counts the reads that fell back.
+func spliceReader(c Case) (*CaseResult, error) {
+	res := newResult()
+	ln, err := net.Listen("tcp", c.Target)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	for i, suffix := range []string{"", " next connection"} {
+		seed := uint64(60 + i)
+		client, server, err := connect(ln.(*net.TCPListener))
+		if err != nil {
+			return nil, err
+		}
+		err = writeStream(client, c.Bytes, seed, 0)
+		client.Close()
+		if err != nil {
+			res.Errors["client"+suffix] = err.Error()
+		}
+		time.Sleep(100 * time.Millisecond)
+		got, fellBack, err := spliceAll(server)
+		server.Close()
+		if err != nil {
+			res.Errors["server"+suffix] = err.Error()
+		}
+		res.Received["server"+suffix] = Checked{got, seed, c.Bytes}
+		res.Values["read fallback"+suffix] = int64(fellBack)
+	}
+	return res, nil
+}
+
+// spliceAll reads c to EOF with splice(2) through a pipe, or with read(2)
+// once splice fails with EINVAL (fellBack 1).
+func spliceAll(c *net.TCPConn) (got Received, fellBack int, err error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return got, 0, err
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return got, 0, err
+	}
+	h := sha256.New()
+	buf := make([]byte, 64<<10)
+	defer func() { got.SHA256 = hex.EncodeToString(h.Sum(nil)) }()
+	for {
+		var n int64
+		var serr error
+		if err := raw.Read(func(fd uintptr) bool {
+			n, serr = unix.Splice(int(fd), nil, p[1], nil, len(buf), unix.SPLICE_F_NONBLOCK)
+			return !errors.Is(serr, unix.EAGAIN)
+		}); err != nil {
+			return got, 0, err
+		}
+		if errors.Is(serr, unix.EINVAL) {
+			break
+		}
+		if serr != nil || n == 0 {
+			return got, 0, serr
+		}
+		for n > 0 { // drain what splice put in the pipe
+			m, err := unix.Read(p[0], buf[:n])
+			if err != nil {
+				return got, 0, err
+			}
+			h.Write(buf[:m])
+			got.Bytes += int64(m)
+			n -= int64(m)
+		}
+	}
+	for {
+		m, err := c.Read(buf)
+		h.Write(buf[:m])
+		got.Bytes += int64(m)
+		if errors.Is(err, io.EOF) {
+			return got, 1, nil
+		}
+		if err != nil {
+			return got, 1, err
+		}
+	}
 }
 
 // sendfileSender sends a file with sendfile(2) (Go's ReadFrom from an
