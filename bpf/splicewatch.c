@@ -3,7 +3,7 @@
  * (guard.c), tracepoints on splice(2) and sendfile(2) notice a socket of
  * sock_hash that starts to be read that way, and record it in refusals
  * (REFUSED_SPLICE). Its server port is then marked (here, if probation
- * cleared it; else by the peer's next message, or by the upkeep's
+ * cleared it; else when the socket next sends, or by the upkeep's
  * inspector), so that the service's next connections stay on TCP from the
  * start.
  *

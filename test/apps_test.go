@@ -254,9 +254,9 @@ func TestAppHAProxySidecar(t *testing.T) {
 				url := "http://127.0.0.1:8080/payload"
 				if m == defaults {
 					// The first fetch is on probation. With splice-auto,
-					// haproxy splices only once nginx's side has ended
-					// (to read its EOF), never while bytes are still
-					// redirected to it.
+					// haproxy here splices nginx's socket once per
+					// connection, after curl has closed and everything
+					// else was read with recv(2): to find its EOF.
 					fetch(t, e, url, sum)
 					awaitCleared(t, e, "127.0.0.1:8080")
 					fetch(t, e, url, sum)
