@@ -91,6 +91,8 @@ func TestCLIUpStatusDown(t *testing.T) {
 	e := harness.New(t)
 	if r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir); r.code != 0 {
 		t.Fatalf("up: exit %d: %s", r.code, r.stderr)
+	} else if !strings.Contains(r.stderr, "sockredir daemon") {
+		t.Errorf("up's log doesn't say what it leaves to the daemon: %s", r.stderr)
 	}
 	if r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir, "--log-format", "json"); r.code != 0 ||
 		!strings.Contains(r.stderr, `"msg":"already up"`) {

@@ -26,7 +26,12 @@ func newUpCommand(log func() *zap.Logger) *cobra.Command {
 				}
 			}
 			cfg.Log = log()
-			_, err = datapath.Up(cfg)
+			res, err := datapath.Up(cfg)
+			if err == nil && res == datapath.Attached {
+				cfg.Log.Info("no upkeep runs with up alone: `sockredir daemon` also holds back readers that fall behind " +
+					"(without it their senders may get ENOMEM), catches servers that turn to blocking reads or splice " +
+					"after their port was cleared, and follows address changes")
+			}
 			return err
 		},
 	}
