@@ -63,8 +63,8 @@ bench: build ## Compare TCP, sockredir, its hooks alone and AF_UNIX on this host
 bench-apps: ## The same comparison with iperf3, sockperf, redis-benchmark and wrk via haproxy to nginx (root)
 	GO=$(GO) sh test/apps/bench-apps.sh
 
-up: build ## Build and attach with the defaults: the whole cgroup v2 hierarchy (root)
-	$(BUILD)/sockredir up
+up: build ## Build and accelerate the whole cgroup v2 hierarchy with the daemon, until Ctrl-C (root)
+	$(BUILD)/sockredir daemon --down-on-exit
 
 down: build ## Detach without losing queued bytes (root)
 	$(BUILD)/sockredir down
