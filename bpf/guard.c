@@ -17,7 +17,6 @@
  * its server port stays on TCP, so that the service keeps its zero-copy
  * reads. */
 #include "sockredir.h"
-#include "kernel.h"
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 

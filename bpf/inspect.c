@@ -20,13 +20,17 @@
  *     server port marked; one in `aborts` (datapath.Maintainer puts a splice
  *     reader there whose redirected bytes nobody reads) has its connection
  *     aborted, so that both applications get an error instead of waiting
- *     forever for bytes that splice(2) can't see. */
+ *     forever for bytes that splice(2) can't see;
+ *   - probation (sockops.c): see look_at_probation. */
 #include "sockredir.h"
-#include "kernel.h"
 #include <bpf/bpf_core_read.h>
 
 /* Set by the loader; 0 only reports. */
 const volatile __u64 max_backlog = 0;
+
+/* How long a probation connection is watched before the upkeep may clear
+ * its port while it lasts. */
+#define PROBATION_MIN_MS 1000
 
 /* Sockets to abort, by their own key; filled by the Maintainer. */
 struct {
@@ -47,6 +51,25 @@ static __always_inline int reads_blocking(struct tcp_sock *tp)
 	long flags = file_flags((struct sock *)tp);
 
 	return flags >= 0 && !(flags & O_NONBLOCK);
+}
+
+/* The upkeep's look at a probation server socket. sock_ops sees it only at
+ * state changes, and the port is cleared when it closes; a connection that
+ * lasts (a proxy's pool keeps its connections for hours) would hold its
+ * port's next connections on TCP for as long. So the upkeep looks at its
+ * file now, and once it has been watched for PROBATION_MIN_MS with its
+ * application having read data, non-blocking, with nothing marking the
+ * port, clears the port. The socket itself stays on TCP, watched, and marks
+ * the port still if it turns to splice or (6.1) FIONREAD. */
+static __always_inline void look_at_probation(struct sock_state *st, struct tcp_sock *tp)
+{
+	struct settings *s = get_settings();
+
+	if (!s || !(st->flags & SOCK_PASSIVE))
+		return;
+	note_file_mode(st, tp, s);
+	if ((__u32)(probation_clock() - st->probation_ms) >= PROBATION_MIN_MS)
+		clear_server_port(st, tp->copied_seq - st->peer.local_seq);
 }
 
 struct socket_report {
@@ -99,6 +122,11 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	st = bpf_sk_storage_get(&sock_states, tp, 0, 0);
 	if (!st)
 		return 0;
+	if (st->flags & SOCK_PROBATION) {
+		if (max_backlog)
+			look_at_probation(st, tp);
+		return 0;
+	}
 	user_data = BPF_CORE_READ((struct sock *)tp, sk_user_data);
 	psock = (void *)((unsigned long)user_data & SK_USER_DATA_PTRMASK);
 	if (!psock)

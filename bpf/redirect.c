@@ -3,7 +3,6 @@
  * the message into the peer's receive queue (BPF_F_INGRESS), skipping the
  * TCP/IP stack. Anything it can't redirect safely goes the normal way. */
 #include "sockredir.h"
-#include "kernel.h"
 
 /* A connection may switch to redirecting only on its first message: bytes
  * already sent over TCP could still be unread, and the receiver reads

@@ -19,12 +19,12 @@
  * blocking recv(2)) lose or stall redirected bytes, and some kernels can't
  * keep them away from those bytes (docs/correctness.md). So a server port's
  * connections stay on plain TCP, both sockets out of sock_hash and watched,
- * until one of them has ended after its server read from a non-blocking
- * socket and nothing marked the port (refuse): the port is then cleared, and
- * its next connections are accelerated.
+ * until one of them has ended after its server read data from a
+ * non-blocking socket and nothing marked the port (refuse): the port is then
+ * cleared, and its next connections are accelerated. The upkeep may clear it
+ * sooner, while the connection lasts (inspect.c, look_at_probation).
  */
 #include "sockredir.h"
-#include "kernel.h"
 #include "endpoints.h"
 #include <bpf/bpf_core_read.h>
 
@@ -326,6 +326,7 @@ static __always_inline void begin_probation(struct bpf_sock_ops *skops, struct s
 	if (!st)
 		return;
 	st->mode = MODE_PASS;
+	st->probation_ms = probation_clock();
 	server_port(k, flags & SOCK_PASSIVE, &port);
 	cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&probation_sockets, &cookie, &port, BPF_ANY);
@@ -472,42 +473,22 @@ static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct s
 	struct bpf_sock *sk = skops->sk;
 	struct tcp_sock *tp = tcp_sock_of(skops);
 	struct sock_state *st;
-	struct sock_key own;
-	struct port_key port;
-	__u8 cleared = 1;
 	__u64 cookie;
-	long flags;
 
 	if (!sk || !tp)
 		return;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st || !(st->flags & SOCK_PROBATION))
 		return;
-	flags = file_flags((struct sock *)tp);
-	if ((st->flags & SOCK_PASSIVE) && flags >= 0) {
-		if ((flags & O_NONBLOCK) || (s->policy & POLICY_ACCELERATE_BLOCKING))
-			st->flags |= SOCK_NONBLOCKING;
-		else
-			refuse(st, REFUSED_BLOCKING);
-	}
+	note_file_mode(st, tp, s);
 	if (CTX(skops->args[1]) != BPF_TCP_CLOSE)
 		return;
 	cookie = bpf_get_socket_cookie(skops);
 	bpf_map_delete_elem(&probation_sockets, &cookie);
 	st->flags &= ~SOCK_PROBATION;
-	/* The server must have read data: copied_seq starts where the peer's
-	 * first byte is (its key's local_seq) and moves by one for the FIN,
-	 * all that a connection that carried nothing (a health check) gives
-	 * to read, showing nothing of how the server reads a stream. */
-	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) ||
-	    tp->copied_seq - st->peer.local_seq < 2)
-		return;
-	mirror_key(&st->peer, &own);
-	server_port(&own, 1, &port);
-	if (bpf_map_lookup_elem(&refusing_ports, &port) || bpf_map_lookup_elem(&cleared_ports, &port))
-		return;
-	bpf_map_update_elem(&cleared_ports, &port, &cleared, BPF_ANY);
-	count(COUNTER_PORTS_CLEARED, 1);
+	/* copied_seq starts where the peer's first byte is: its key's
+	 * local_seq. */
+	clear_server_port(st, tp->copied_seq - st->peer.local_seq);
 }
 
 SEC("sockops")

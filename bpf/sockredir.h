@@ -14,6 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "endpoints.h"
+#include "kernel.h"
 
 /* A TCP connection as one of its two sockets sees it.
  *
@@ -60,7 +61,7 @@ struct sock_state {
 	__u32 mode;            /* enum redirect_mode, for what this socket sends */
 	__u32 seen_refusals;   /* refusal_gen when this socket last checked */
 	__u32 flags;           /* SOCK_* */
-	__u32 pad;
+	__u32 probation_ms;    /* when its probation began (probation_clock) */
 };
 
 /* Why a socket takes its bytes over TCP only (values of refusals). Each is
@@ -356,6 +357,35 @@ static __always_inline void mark_server_port(struct sock_state *st, struct sock_
 	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
 }
 
+/* Milliseconds of the monotonic clock, wrapping after 49 days: enough to
+ * tell how long a probation has lasted. */
+static __always_inline __u32 probation_clock(void)
+{
+	return bpf_ktime_get_ns() / 1000000;
+}
+
+/* Ends a probation server socket's watch well, if its application read data
+ * (read: how far its copied_seq moved past the peer's first byte, which
+ * counts one more for a FIN, all that a connection that carried nothing, a
+ * health check, gives to read) from a file seen non-blocking, and nothing
+ * marked the port: the port is cleared, and its later connections are
+ * accelerated. */
+static __always_inline void clear_server_port(struct sock_state *st, __u32 read)
+{
+	struct sock_key own;
+	struct port_key port;
+	__u8 cleared = 1;
+
+	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) || read < 2)
+		return;
+	mirror_key(&st->peer, &own);
+	server_port(&own, 1, &port);
+	if (bpf_map_lookup_elem(&refusing_ports, &port) || bpf_map_lookup_elem(&cleared_ports, &port))
+		return;
+	bpf_map_update_elem(&cleared_ports, &port, &cleared, BPF_ANY);
+	count(COUNTER_PORTS_CLEARED, 1);
+}
+
 /* Puts the connection of the socket with state st back on TCP, both ways:
  * its peer sends over TCP from its next message on (it finds the refusal),
  * and so does this socket. Once both queues are read, `sockredir daemon`
@@ -372,6 +402,21 @@ static __always_inline void refuse(struct sock_state *st, __u32 why)
 		mark_server_port(st, &own, why);
 	else if (record_refusal(&own, why))
 		mark_server_port(st, &own, why);
+}
+
+/* Looks at a probation server socket's file, once its application has it:
+ * a port whose server reads blocking (tcp_bpf can fail that with EAGAIN)
+ * stays on TCP. */
+static __always_inline void note_file_mode(struct sock_state *st, struct tcp_sock *tp, struct settings *s)
+{
+	long flags = file_flags((struct sock *)tp);
+
+	if (!(st->flags & SOCK_PASSIVE) || flags < 0)
+		return;
+	if ((flags & O_NONBLOCK) || (s->policy & POLICY_ACCELERATE_BLOCKING))
+		st->flags |= SOCK_NONBLOCKING;
+	else
+		refuse(st, REFUSED_BLOCKING);
 }
 
 #endif /* __SOCKREDIR_H */

@@ -23,7 +23,6 @@
  * everything is read with CO-RE probe reads, a sock_hash socket's key comes
  * from its element, and a probation socket is found by its cookie. */
 #include "sockredir.h"
-#include "kernel.h"
 #include <bpf/bpf_core_read.h>
 
 /* sock_hash's id, set by the loader: the element to read the key from. */

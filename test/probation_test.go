@@ -200,3 +200,26 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 		t.Errorf("counters %+v: want only the first spliced connection redirected", c)
 	}
 }
+
+// A connection that lasts (a proxy's pool) would hold its port on probation
+// for as long. With the upkeep, once the connection has been watched for a
+// second with its server reading data, non-blocking, the port is cleared
+// while it is still open, and the next connection is accelerated; the first
+// stays on TCP. Both whole.
+func TestProbationClearsAPortWhileItsConnectionLasts(t *testing.T) {
+	e := upWithProbation(t)
+	defer runMaintainer(t, e, 0)()
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "lasting-connection", Bytes: 1 << 20, Target: "127.0.0.1:7306"}}, &r)
+	for who, got := range r.Received {
+		if !got.Intact() || r.Errors[who] != "" {
+			t.Errorf("%s read %d of %d bytes intact=%v (error %q)", who, got.Bytes, got.WantSize, got.Intact(), r.Errors[who])
+		}
+	}
+	if len(r.Received) != 4 {
+		t.Errorf("results from %d sockets, want 4: %+v", len(r.Received), r)
+	}
+	if c := e.Status().Counters; c.BytesRedirected != 2<<20 || c.ProbationConnections != 1 || c.PortsCleared != 1 {
+		t.Errorf("counters %+v, want the next connection's streams redirected and only the first on probation", c)
+	}
+}

@@ -48,7 +48,7 @@ type guardSockState struct {
 	Mode         uint32
 	SeenRefusals uint32
 	Flags        uint32
-	Pad          uint32
+	ProbationMs  uint32
 }
 
 // Names of all BPF objects in the ELF.

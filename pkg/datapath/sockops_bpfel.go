@@ -54,7 +54,7 @@ type sockopsSockState struct {
 	Mode         uint32
 	SeenRefusals uint32
 	Flags        uint32
-	Pad          uint32
+	ProbationMs  uint32
 }
 
 type sockopsTuningRule struct {

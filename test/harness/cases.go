@@ -68,6 +68,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"half-close-blocking-client": halfCloseBlockingClient,
 	"splice-relay":               spliceRelay,
 	"splice-reader":              spliceReader,
+	"lasting-connection":         lastingConnection,
 	"sendfile":                   withPair(sendfileSender),
 	"peek":                       withPair(peek),
 	"fionread":                   fionread,
@@ -354,6 +355,57 @@ func relayOnce(c Case, res *CaseResult, suffix string, relayLn, upstreamLn net.L
 	res.Received["client"+suffix] = Checked{got, 2, c.Bytes}
 	return nil
 }
+
+// lastingConnection is a pool's connection to a server on c.Target: it
+// exchanges c.Bytes each way, then stays open while a second connection to
+// the same server comes and goes LastingWait later. The first connection's
+// results are named "... first", the second's "... next".
+func lastingConnection(c Case) (*CaseResult, error) {
+	res := newResult()
+	ln, err := net.Listen("tcp", c.Target)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	var mu sync.Mutex
+	exchange := func(name string, t *Transfer, conn *net.TCPConn, seed, want uint64) {
+		got, err := t.exchange(conn, c.Bytes, seed, 0)
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			res.Errors[name] = err.Error()
+		}
+		res.Received[name] = Checked{got, want, c.Bytes}
+	}
+	pair := func(suffix string, t *Transfer, seed uint64) error {
+		client, server, err := connect(ln.(*net.TCPListener))
+		if err != nil {
+			return err
+		}
+		defer client.Close()
+		defer server.Close()
+		var wg sync.WaitGroup
+		wg.Go(func() { exchange("client"+suffix, t, client, seed, seed+1) })
+		wg.Go(func() { exchange("server"+suffix, t, server, seed+1, seed) })
+		wg.Wait()
+		return nil
+	}
+	first := make(chan error, 1)
+	go func() { first <- pair(" first", &Transfer{HoldOpen: 2 * LastingWait}, 70) }()
+	time.Sleep(LastingWait)
+	if err := pair(" next", &Transfer{}, 72); err != nil {
+		return nil, err
+	}
+	if err := <-first; err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// LastingWait is how long lastingConnection's first connection has been
+// open when the second comes: longer than probation watches a connection
+// before the upkeep may clear its port.
+const LastingWait = 2 * time.Second
 
 // spliceReader is a server on c.Target that reads with splice(2) into a
 // pipe, as haproxy and Go's io.Copy do, falling back to read(2) when splice
