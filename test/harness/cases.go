@@ -358,7 +358,7 @@ func relayOnce(c Case, res *CaseResult, suffix string, relayLn, upstreamLn net.L
 
 // lastingConnection is a pool's connection to a server on c.Target: it
 // exchanges c.Bytes each way, then stays open while a second connection to
-// the same server comes and goes LastingWait later. The first connection's
+// the same server comes and goes lastingWait later. The first connection's
 // results are named "... first", the second's "... next".
 func lastingConnection(c Case) (*CaseResult, error) {
 	res := newResult()
@@ -391,8 +391,8 @@ func lastingConnection(c Case) (*CaseResult, error) {
 		return nil
 	}
 	first := make(chan error, 1)
-	go func() { first <- pair(" first", &Transfer{HoldOpen: 2 * LastingWait}, 70) }()
-	time.Sleep(LastingWait)
+	go func() { first <- pair(" first", &Transfer{HoldOpen: 2 * lastingWait}, 70) }()
+	time.Sleep(lastingWait)
 	if err := pair(" next", &Transfer{}, 72); err != nil {
 		return nil, err
 	}
@@ -402,16 +402,17 @@ func lastingConnection(c Case) (*CaseResult, error) {
 	return res, nil
 }
 
-// LastingWait is how long lastingConnection's first connection has been
+// lastingWait is how long lastingConnection's first connection has been
 // open when the second comes: longer than probation watches a connection
 // before the upkeep may clear its port.
-const LastingWait = 2 * time.Second
+const lastingWait = 2 * time.Second
 
 // spliceReader is a server on c.Target that reads with splice(2) into a
 // pipe, as haproxy and Go's io.Copy do, falling back to read(2) when splice
-// fails with EINVAL. Its client sends c.Bytes and closes before the server
-// begins to read, so a reader that splices from an accelerated socket finds
-// its EOF at once. Two connections, the second's results named "... next
+// fails with EINVAL. Its client sends c.Bytes and closes while the server
+// waits 100 ms before it reads: a redirecting client has finished by then,
+// so a reader that splices from an accelerated socket finds its EOF at once
+// (over TCP, the client waits for the reader). Two connections, the second's results named "... next
 // connection"; Values counts the reads that fell back.
 func spliceReader(c Case) (*CaseResult, error) {
 	res := newResult()
@@ -426,14 +427,17 @@ func spliceReader(c Case) (*CaseResult, error) {
 		if err != nil {
 			return nil, err
 		}
-		err = writeStream(client, c.Bytes, seed, 0)
-		client.Close()
-		if err != nil {
-			res.Errors["client"+suffix] = err.Error()
-		}
+		written := make(chan error, 1)
+		go func() {
+			written <- writeStream(client, c.Bytes, seed, 0)
+			client.Close()
+		}()
 		time.Sleep(100 * time.Millisecond)
 		got, fellBack, err := spliceAll(server)
 		server.Close()
+		if err := <-written; err != nil {
+			res.Errors["client"+suffix] = err.Error()
+		}
 		if err != nil {
 			res.Errors["server"+suffix] = err.Error()
 		}
