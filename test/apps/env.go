@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
+	"github.com/sockredir/sockredir/pkg/policy"
 	"github.com/sockredir/sockredir/pkg/sandbox"
 )
 
@@ -59,8 +60,12 @@ func newEnv() (_ *env, err error) {
 	if e.accel, err = sandbox.NewCgroup("sockredir-apps-accel-"); err != nil {
 		return nil, err
 	}
+	// The tools' servers read with recv(2) from non-blocking sockets, and
+	// their ports clear on probation (TestApp*/defaults); here probation
+	// would only hold each run's first connections on TCP.
+	noProbation := &policy.Policy{Redirect: policy.Redirect{AccelerateNewPorts: true}}
 	return e, e.ns.Do(func() error {
-		_, err := datapath.Up(datapath.Config{Cgroup: e.accel.Path, PinDir: e.pinDir})
+		_, err := datapath.Up(datapath.Config{Cgroup: e.accel.Path, PinDir: e.pinDir, Policy: noProbation})
 		return err
 	})
 }
