@@ -209,8 +209,30 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 func TestProbationClearsAPortWhileItsConnectionLasts(t *testing.T) {
 	e := upWithProbation(t)
 	defer runMaintainer(t, e, 0)()
+	// What operators see meanwhile: the first connection's two sockets on
+	// probation (sockredir_probation_sockets).
+	watching := make(chan struct{})
+	mostWatched := make(chan int)
+	go func() {
+		most := 0
+		for {
+			select {
+			case <-watching:
+				mostWatched <- most
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			if u, err := datapath.ReadUsage(e.PinDir); err == nil {
+				most = max(most, u.ProbationSockets)
+			}
+		}
+	}()
 	var r harness.CaseResult
 	e.Run(harness.Scenario{Case: &harness.Case{Name: "lasting-connection", Bytes: 1 << 20, Target: "127.0.0.1:7306"}}, &r)
+	close(watching)
+	if most := <-mostWatched; most != 2 {
+		t.Errorf("at most %d sockets on probation at once, want the first connection's 2", most)
+	}
 	for who, got := range r.Received {
 		if !got.Intact() || r.Errors[who] != "" {
 			t.Errorf("%s read %d of %d bytes intact=%v (error %q)", who, got.Bytes, got.WantSize, got.Intact(), r.Errors[who])

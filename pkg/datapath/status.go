@@ -184,12 +184,8 @@ func ReadStatus(pinDir string) (Status, error) {
 			st.ClearedPorts = append(st.ClearedPorts, serverPort(key))
 		}
 	}
-	if m := maps["probation_sockets"]; m != nil {
-		var cookie uint64
-		var port sockopsPortKey
-		for it := m.Iterate(); it.Next(&cookie, &port); {
-			st.ProbationSockets++
-		}
+	if st.ProbationSockets, err = countProbationSockets(maps); err != nil {
+		return st, err
 	}
 	if st.Sockets, st.UnreadSockets, err = countSockets(maps, st.Cgroup); err != nil {
 		return st, err

@@ -16,8 +16,11 @@ type Usage struct {
 	// MapSize is how many sockets sock_hash holds at most.
 	MapSize uint32
 	// Sockets is how many sockets sock_hash holds now.
-	Sockets  int
-	Counters Counters
+	Sockets int
+	// ProbationSockets is how many sockets of probation connections are
+	// open now: on TCP, watched until they close.
+	ProbationSockets int
+	Counters         Counters
 }
 
 // ErrNotUp says that nothing is pinned in the pin directory.
@@ -52,26 +55,38 @@ func ReadUsage(pinDir string) (Usage, error) {
 		}
 	}
 	if m := maps["sock_hash"]; m != nil {
-		if u.Sockets, err = countEntries(m); err != nil {
+		var key sockopsSockKey
+		var cookie uint64
+		if u.Sockets, err = countEntries(m, &key, &cookie); err != nil {
 			return u, err
 		}
+	}
+	if u.ProbationSockets, err = countProbationSockets(maps); err != nil {
+		return u, err
 	}
 	return u, nil
 }
 
-// countEntries counts sock_hash's entries.
-func countEntries(m *ebpf.Map) (int, error) {
-	var (
-		key    sockopsSockKey
-		cookie uint64
-		n      int
-	)
+// countProbationSockets counts probation_sockets' entries.
+func countProbationSockets(maps map[string]*ebpf.Map) (int, error) {
+	m := maps["probation_sockets"]
+	if m == nil {
+		return 0, nil
+	}
+	var cookie uint64
+	var port sockopsPortKey
+	return countEntries(m, &cookie, &port)
+}
+
+// countEntries counts m's entries, read into key and value.
+func countEntries(m *ebpf.Map, key, value any) (int, error) {
+	n := 0
 	it := m.Iterate()
-	for it.Next(&key, &cookie) {
+	for it.Next(key, value) {
 		n++
 	}
 	if err := it.Err(); err != nil {
-		return n, fmt.Errorf("counting the sockets in the map: %w", err)
+		return n, fmt.Errorf("counting the entries of %s: %w", m, err)
 	}
 	return n, nil
 }

@@ -16,11 +16,12 @@ import (
 
 // Collector is a prometheus.Collector for the datapath pinned in a directory.
 type Collector struct {
-	pinDir   string
-	up       *prometheus.Desc
-	sockets  *prometheus.Desc
-	capacity *prometheus.Desc
-	counters []counterDesc
+	pinDir    string
+	up        *prometheus.Desc
+	sockets   *prometheus.Desc
+	capacity  *prometheus.Desc
+	probation *prometheus.Desc
+	counters  []counterDesc
 }
 
 type counterDesc struct {
@@ -41,6 +42,8 @@ func NewCollector(pinDir string) *Collector {
 			"Sockets in the sockhash now: two per accelerated connection.", nil, nil),
 		capacity: prometheus.NewDesc("sockredir_map_capacity_sockets",
 			"Sockets the sockhash can hold; connections beyond it use plain TCP.", nil, nil),
+		probation: prometheus.NewDesc("sockredir_probation_sockets",
+			"Sockets of connections on probation now: on plain TCP, watched until they close.", nil, nil),
 		counters: []counterDesc{
 			counter("sockets_added_total", "Sockets added to the sockhash, two per accelerated connection.",
 				func(c datapath.Counters) uint64 { return c.SocketsAdded }),
@@ -75,6 +78,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.up
 	ch <- c.sockets
 	ch <- c.capacity
+	ch <- c.probation
 	for _, cd := range c.counters {
 		ch <- cd.desc
 	}
@@ -96,6 +100,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, boolToFloat(u.Up))
 	ch <- prometheus.MustNewConstMetric(c.sockets, prometheus.GaugeValue, float64(u.Sockets))
 	ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(u.MapSize))
+	ch <- prometheus.MustNewConstMetric(c.probation, prometheus.GaugeValue, float64(u.ProbationSockets))
 	for _, cd := range c.counters {
 		ch <- prometheus.MustNewConstMetric(cd.desc, prometheus.CounterValue, float64(cd.value(u.Counters)))
 	}

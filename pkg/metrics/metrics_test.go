@@ -38,8 +38,8 @@ func TestMetricNames(t *testing.T) {
 			t.Errorf("badly named or undocumented: %s", s)
 		}
 	}
-	if n != 15 {
-		t.Errorf("%d metrics described, want 15", n)
+	if n != 16 {
+		t.Errorf("%d metrics described, want 16", n)
 	}
 }
 
