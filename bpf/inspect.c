@@ -69,7 +69,7 @@ static __always_inline void look_at_probation(struct sock_state *st, struct tcp_
 		return;
 	note_file_mode(st, tp, s);
 	if ((__u32)(probation_clock() - st->probation_ms) >= PROBATION_MIN_MS)
-		clear_server_port(st, tp->copied_seq - st->peer.local_seq);
+		clear_server_port(st, tp);
 }
 
 struct socket_report {

@@ -466,7 +466,7 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
  * socket, its file says whether it reads blocking (a connection may end
  * before the server even accepts it, so every change looks). Once the
  * server's socket is closed, the port is cleared if its application read
- * from it, never blocking, and nothing marked the port meanwhile: the guards
+ * data from it, never blocking, and nothing marked the port meanwhile: the guards
  * and the splice watch mark it when a splice starts, before it reads. */
 static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct settings *s)
 {
@@ -486,9 +486,7 @@ static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct s
 	cookie = bpf_get_socket_cookie(skops);
 	bpf_map_delete_elem(&probation_sockets, &cookie);
 	st->flags &= ~SOCK_PROBATION;
-	/* copied_seq starts where the peer's first byte is: its key's
-	 * local_seq. */
-	clear_server_port(st, tp->copied_seq - st->peer.local_seq);
+	clear_server_port(st, tp);
 }
 
 SEC("sockops")

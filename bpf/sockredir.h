@@ -342,6 +342,13 @@ static __always_inline void server_port(const struct sock_key *k, int passive, s
 	}
 }
 
+/* Keeps a server port's next connections on TCP from the start, and says
+ * why (refusal). */
+static __always_inline void refuse_port(const struct port_key *port, __u32 why)
+{
+	bpf_map_update_elem(&refusing_ports, port, &why, BPF_ANY);
+}
+
 /* Marks the server port of a refusing socket's connection, so that the
  * service's next connections stay on TCP from the start: a server's for
  * every reason but a backlog (only this connection's), a client's when it
@@ -354,7 +361,7 @@ static __always_inline void mark_server_port(struct sock_state *st, struct sock_
 	if (passive ? why == REFUSED_BACKLOG : why != REFUSED_SPLICE)
 		return;
 	server_port(own, passive, &port);
-	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
+	refuse_port(&port, why);
 }
 
 /* Milliseconds of the monotonic clock, wrapping after 49 days: enough to
@@ -365,18 +372,19 @@ static __always_inline __u32 probation_clock(void)
 }
 
 /* Ends a probation server socket's watch well, if its application read data
- * (read: how far its copied_seq moved past the peer's first byte, which
- * counts one more for a FIN, all that a connection that carried nothing, a
- * health check, gives to read) from a file seen non-blocking, and nothing
- * marked the port: the port is cleared, and its later connections are
- * accelerated. */
-static __always_inline void clear_server_port(struct sock_state *st, __u32 read)
+ * from a file seen non-blocking and nothing marked the port: the port is
+ * cleared, and its later connections are accelerated. Data: copied_seq
+ * starts where the peer's first byte is (its key's local_seq) and moves one
+ * more for a FIN, all that a connection that carried nothing (a health
+ * check) gives to read. */
+static __always_inline void clear_server_port(struct sock_state *st, struct tcp_sock *tp)
 {
 	struct sock_key own;
 	struct port_key port;
 	__u8 cleared = 1;
 
-	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) || read < 2)
+	if (!(st->flags & SOCK_PASSIVE) || !(st->flags & SOCK_NONBLOCKING) ||
+	    tp->copied_seq - st->peer.local_seq < 2)
 		return;
 	mirror_key(&st->peer, &own);
 	server_port(&own, 1, &port);
@@ -398,9 +406,7 @@ static __always_inline void refuse(struct sock_state *st, __u32 why)
 
 	st->mode = MODE_PASS;
 	mirror_key(&st->peer, &own);
-	if (st->flags & SOCK_PROBATION)
-		mark_server_port(st, &own, why);
-	else if (record_refusal(&own, why))
+	if ((st->flags & SOCK_PROBATION) || record_refusal(&own, why))
 		mark_server_port(st, &own, why);
 }
 

@@ -94,7 +94,6 @@ static __always_inline int sock_hash_key(struct sock *sk, struct sock_key *key)
  * would lose their bytes the same way. */
 static __always_inline void mark_cleared_server_port(struct sock_key *key)
 {
-	__u32 why = REFUSED_SPLICE;
 	struct port_key port;
 
 	server_port(key, 1, &port);
@@ -103,15 +102,13 @@ static __always_inline void mark_cleared_server_port(struct sock_key *key)
 		if (!bpf_map_lookup_elem(&cleared_ports, &port))
 			return;
 	}
-	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
+	refuse_port(&port, REFUSED_SPLICE);
 }
 
 static __always_inline void watch(__u64 fd)
 {
 	struct sock *sk = socket_of_fd(fd);
-	__u32 why = REFUSED_SPLICE;
 	struct port_key *server;
-	struct port_key port;
 	struct sock_key key;
 	__u64 cookie;
 
@@ -124,10 +121,8 @@ static __always_inline void watch(__u64 fd)
 	}
 	cookie = BPF_CORE_READ((struct sock_common *)sk, skc_cookie.counter);
 	server = cookie ? bpf_map_lookup_elem(&probation_sockets, &cookie) : 0;
-	if (!server)
-		return;
-	port = *server;
-	bpf_map_update_elem(&refusing_ports, &port, &why, BPF_ANY);
+	if (server)
+		refuse_port(server, REFUSED_SPLICE);
 }
 
 SEC("tracepoint/syscalls/sys_enter_splice")

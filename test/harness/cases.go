@@ -412,8 +412,9 @@ const lastingWait = 2 * time.Second
 // fails with EINVAL. Its client sends c.Bytes and closes while the server
 // waits 100 ms before it reads: a redirecting client has finished by then,
 // so a reader that splices from an accelerated socket finds its EOF at once
-// (over TCP, the client waits for the reader). Two connections, the second's results named "... next
-// connection"; Values counts the reads that fell back.
+// (over TCP, the client waits for the reader). Two connections, the
+// second's results named "... next connection"; Values counts the reads
+// that fell back.
 func spliceReader(c Case) (*CaseResult, error) {
 	res := newResult()
 	ln, err := net.Listen("tcp", c.Target)
