@@ -75,9 +75,9 @@ func newInspector(maps map[string]*ebpf.Map, maxBacklog uint64) (*inspector, err
 
 // inspect runs the inspector in each of the namespaces.
 func (in *inspector) inspect(namespaces []netns.NsHandle) (map[sockopsSockKey]socketReport, error) {
-	own, err := netns.Get()
+	own, err := localaddr.OwnNamespace()
 	if err != nil {
-		return nil, fmt.Errorf("opening this process's network namespace: %w", err)
+		return nil, err
 	}
 	defer own.Close()
 	reports := make(map[sockopsSockKey]socketReport)

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -97,9 +98,9 @@ const restatEvery = time.Second
 // OpenNamespaces opens this process's network namespace (that of the
 // calling thread) and those the processes in cgroup and below it are in.
 func OpenNamespaces(cgroup string) (*Namespaces, error) {
-	own, err := netns.Get()
+	own, err := OwnNamespace()
 	if err != nil {
-		return nil, fmt.Errorf("opening this process's network namespace: %w", err)
+		return nil, err
 	}
 	id, err := idOf(own)
 	if err != nil {
@@ -205,6 +206,21 @@ func (n *Namespaces) Close() {
 		ns.Close()
 	}
 	n.handles = nil
+}
+
+// OwnNamespace opens the network namespace of the calling thread, which is
+// this process's: threads that enter another namespace are locked to their
+// goroutine and exit with it. The goroutine stays on its thread while the
+// namespace is opened by thread id; otherwise it could move, and its old
+// thread exit, in between, and the open fail with ENOENT.
+func OwnNamespace() (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	own, err := netns.Get()
+	if err != nil {
+		return netns.None(), fmt.Errorf("opening this process's network namespace: %w", err)
+	}
+	return own, nil
 }
 
 // nsID tells network namespaces apart: the device and inode of their nsfs file.

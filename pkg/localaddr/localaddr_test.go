@@ -6,8 +6,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -159,5 +161,50 @@ func TestNamespacesFollowAProcessThatMoves(t *testing.T) {
 	}
 	if len(ids) != 2 || ids[1] != moved {
 		t.Errorf("namespaces %v, want this process's and %v, the one the process moved to", ids, moved)
+	}
+}
+
+// The daemon's iterator throws away a thread for each namespace it enters,
+// so OwnNamespace runs while threads exit; it must never open the namespace
+// of a thread that is gone (seen in CI: the daemon stopped with ENOENT).
+func TestOwnNamespaceWhileThreadsExit(t *testing.T) {
+	want, err := OwnNamespace()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer want.Close()
+	stop := make(chan struct{})
+	var exiting sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		exiting.Add(1)
+		go func() {
+			defer exiting.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ended := make(chan struct{})
+				go func() {
+					runtime.LockOSThread() // never unlocked: the thread exits
+					close(ended)
+				}()
+				<-ended
+			}
+		}()
+	}
+	defer func() { close(stop); exiting.Wait() }()
+	for i := range 20000 {
+		own, err := OwnNamespace()
+		if err != nil {
+			t.Fatalf("open %d: %v", i, err)
+		}
+		same := own.Equal(want)
+		own.Close()
+		if !same {
+			t.Fatalf("open %d: another namespace than this process's", i)
+		}
+		runtime.Gosched()
 	}
 }

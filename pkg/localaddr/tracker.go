@@ -101,8 +101,9 @@ type trackerState struct {
 }
 
 // Run tracks until ctx is done. It fails only when it can't follow the
-// addresses of its own network namespace; other namespaces that can't be
-// followed are logged and tried again at the next rescan.
+// addresses of its own network namespace at the start; later failures, and
+// other namespaces that can't be followed, are logged and tried again at
+// the next rescan.
 func (t *Tracker) Run(ctx context.Context) error {
 	s := &trackerState{Tracker: t, watches: map[nsID]*watch{}, events: make(chan addrEvent)}
 	defer s.unwatchAll()
@@ -121,7 +122,8 @@ func (t *Tracker) Run(ctx context.Context) error {
 		case <-ticker.C:
 			var err error
 			if changed, err = s.rescanNamespaces(); err != nil {
-				return err
+				// The namespaces already followed still are.
+				s.log.Warn("cannot look for network namespaces; trying again later", zap.Error(err))
 			}
 			changed = changed || s.applyFailed
 		case <-t.resync:
