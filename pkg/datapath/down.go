@@ -128,12 +128,20 @@ func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 		var key sockopsSockKey
 		var cookie uint64
 		var drained []sockopsSockKey
-		for it := sockHash.Iterate(); it.Next(&key, &cookie); {
+		it := sockHash.Iterate()
+		for it.Next(&key, &cookie) {
 			if r, ok := reports[key]; ok && r.Unread == 0 {
 				drained = append(drained, key)
 			} else {
 				waiting++
 			}
+		}
+		if err := it.Err(); err != nil {
+			// Sockets closing under the walk can end it early (the
+			// kernel restarts a hash walk whose key went away): the
+			// sockets it missed may hold data, so don't finish.
+			opts.Log.Debug("walking the map again", zap.Error(err))
+			waiting++
 		}
 		for _, k := range drained {
 			if err := sockHash.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

@@ -145,10 +145,14 @@ func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
 		value V
 		stale []K
 	)
-	for it := m.Iterate(); it.Next(&key, &value); {
+	it := m.Iterate()
+	for it.Next(&key, &value) {
 		if _, keep := want[key]; !keep {
 			stale = append(stale, key)
 		}
+	}
+	if err := it.Err(); err != nil {
+		return err
 	}
 	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

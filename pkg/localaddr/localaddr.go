@@ -6,6 +6,7 @@
 package localaddr
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"net/netip"
@@ -26,7 +27,7 @@ import (
 // List returns the addresses of every interface in the current network
 // namespace, IPv4 and IPv6, without duplicates.
 func List() ([]netip.Addr, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	addrs, err := listAddrs(netlink.AddrList)
 	if err != nil {
 		return nil, fmt.Errorf("listing local addresses: %w", err)
 	}
@@ -42,11 +43,28 @@ func ListIn(ns netns.NsHandle) ([]netip.Addr, error) {
 		return nil, fmt.Errorf("opening netlink in a network namespace: %w", err)
 	}
 	defer h.Close()
-	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
+	addrs, err := listAddrs(h.AddrList)
 	if err != nil {
 		return nil, fmt.Errorf("listing the addresses of a network namespace: %w", err)
 	}
 	return unique(addrs), nil
+}
+
+// dumpAttempts is how often listAddrs asks again while addresses change.
+const dumpAttempts = 5
+
+// listAddrs lists every address, IPv4 and IPv6, with list (a netlink
+// handle's AddrList). The kernel flags a listing that spans several
+// messages as interrupted when an address changed meanwhile (pods come and
+// go while the daemon starts); such a listing may miss or repeat entries,
+// so it is asked for again.
+func listAddrs(list func(netlink.Link, int) ([]netlink.Addr, error)) ([]netlink.Addr, error) {
+	for attempt := 1; ; attempt++ {
+		addrs, err := list(nil, netlink.FAMILY_ALL)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) || attempt == dumpAttempts {
+			return addrs, err
+		}
+	}
 }
 
 // OfCgroup returns the addresses of this process's network namespace and of

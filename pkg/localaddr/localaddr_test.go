@@ -2,6 +2,7 @@ package localaddr
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sockredir/sockredir/pkg/sandbox"
+	"github.com/vishvananda/netlink"
 )
 
 func TestListHasLoopback(t *testing.T) {
@@ -206,5 +208,33 @@ func TestOwnNamespaceWhileThreadsExit(t *testing.T) {
 			t.Fatalf("open %d: another namespace than this process's", i)
 		}
 		runtime.Gosched()
+	}
+}
+
+// A listing that addresses changed under is asked for again, a few times.
+func TestListAddrsRetriesInterruptedDumps(t *testing.T) {
+	whole := []netlink.Addr{{IPNet: &net.IPNet{IP: net.IPv4(10, 0, 0, 1), Mask: net.CIDRMask(8, 32)}}}
+	for _, tc := range []struct {
+		interrupted, wantCalls int
+		wantErr                bool
+	}{
+		{interrupted: 0, wantCalls: 1},
+		{interrupted: 2, wantCalls: 3},
+		{interrupted: 100, wantCalls: dumpAttempts, wantErr: true},
+	} {
+		calls := 0
+		addrs, err := listAddrs(func(netlink.Link, int) ([]netlink.Addr, error) {
+			calls++
+			if calls <= tc.interrupted {
+				return whole[:0], netlink.ErrDumpInterrupted
+			}
+			return whole, nil
+		})
+		if calls != tc.wantCalls {
+			t.Errorf("%d interrupted dumps: %d listings, want %d", tc.interrupted, calls, tc.wantCalls)
+		}
+		if tc.wantErr != (err != nil) || (!tc.wantErr && len(addrs) != 1) {
+			t.Errorf("%d interrupted dumps: got %v, %v", tc.interrupted, addrs, err)
+		}
 	}
 }

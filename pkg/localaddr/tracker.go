@@ -243,7 +243,7 @@ func (s *trackerState) relist(w *watch) error {
 		return err
 	}
 	defer h.Close()
-	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
+	addrs, err := listAddrs(h.AddrList)
 	if err != nil {
 		return err
 	}
