@@ -85,7 +85,7 @@ func (in *inspector) inspect(namespaces []netns.NsHandle) (map[sockopsSockKey]so
 		if ns.Equal(own) {
 			err = readIter(in.iter, reports)
 		} else {
-			err = readIterIn(ns, in.iter, reports)
+			err = readIterIn(ns, own, in.iter, reports)
 		}
 		if err != nil {
 			return nil, err
@@ -104,20 +104,42 @@ func closeNamespaces(namespaces []netns.NsHandle) {
 	}
 }
 
-// readIterIn reads the iterator opened in network namespace ns. It runs on a
-// thread of its own that is thrown away afterwards, so no other goroutine
-// ever runs in ns.
-func readIterIn(ns netns.NsHandle, it *link.Iter, into map[sockopsSockKey]socketReport) error {
-	done := make(chan error, 1)
+// readIterIn reads the iterator in network namespace ns, own being this
+// process's. An iterator walks the namespace it was opened in, so the
+// thread enters ns only to open it and comes back before reading. The
+// thread is thrown away (it exits with its goroutine) only if it can't come
+// back; the Go runtime never ends the main thread, which would otherwise
+// stay parked in ns, holding it, as the namespace of this process.
+func readIterIn(ns, own netns.NsHandle, it *link.Iter, into map[sockopsSockKey]socketReport) error {
+	rd, err := openIterIn(ns, own, it)
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	return readReports(rd, into)
+}
+
+func openIterIn(ns, own netns.NsHandle, it *link.Iter) (io.ReadCloser, error) {
+	type opened struct {
+		rd  io.ReadCloser
+		err error
+	}
+	done := make(chan opened, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		runtime.LockOSThread()
 		if err := netns.Set(ns); err != nil {
-			done <- fmt.Errorf("entering a network namespace: %w", err)
+			runtime.UnlockOSThread() // setns changes nothing when it fails
+			done <- opened{err: fmt.Errorf("entering a network namespace: %w", err)}
 			return
 		}
-		done <- readIter(it, into)
+		rd, err := it.Open()
+		if netns.Set(own) == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- opened{rd, err}
 	}()
-	return <-done
+	o := <-done
+	return o.rd, o.err
 }
 
 // readIter reads the iterator in the calling thread's network namespace.
@@ -127,6 +149,11 @@ func readIter(it *link.Iter, into map[sockopsSockKey]socketReport) error {
 		return err
 	}
 	defer rd.Close()
+	return readReports(rd, into)
+}
+
+// readReports reads an opened iterator's reports into into.
+func readReports(rd io.Reader, into map[sockopsSockKey]socketReport) error {
 	buffered := bufio.NewReaderSize(rd, 64<<10) // one read(2) for many sockets
 	for {
 		var r socketReport
