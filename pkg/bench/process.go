@@ -73,7 +73,18 @@ func (e *env) startWorker(ctx context.Context, command []string, cfg Config, j j
 			return readErr
 		})
 	}()
-	if err := <-started; err != nil {
+	select {
+	case err = <-started:
+	case <-wp.done:
+		// The worker may have started and ended already; if it never
+		// started (the namespace could not be entered), wp.err says why.
+		select {
+		case err = <-started:
+		default:
+			err = wp.err
+		}
+	}
+	if err != nil {
 		<-wp.done
 		return nil, fmt.Errorf("starting a %s worker (%s): %w", j.Role, command[0], err)
 	}
