@@ -89,7 +89,11 @@ func TestPodsOnOneNode(t *testing.T) {
 
 	dir := t.TempDir()
 	goFile := filepath.Join(dir, "go")
-	bytes := transferBytes(t)
+	// Four streams at once with no upkeep to bound their queues (up
+	// alone): 128 MiB each outran the readers of a 2 GiB guest under
+	// emulation and hit tcp_mem (ENOMEM, docs/correctness.md, "Memory,
+	// without the daemon"), which is not what this test is about.
+	bytes := min(transferBytes(t), 32<<20)
 	// The handshakes go one after the other; the transfers run at once.
 	transfers := []*podTransfer{
 		startPodTransfer(e, first, 7000, bytes, 100, goFile),
