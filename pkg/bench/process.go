@@ -72,19 +72,16 @@ func (e *env) startWorker(ctx context.Context, command []string, cfg Config, j j
 			wp.report = rep
 			return readErr
 		})
-	}()
-	select {
-	case err = <-started:
-	case <-wp.done:
-		// The worker may have started and ended already; if it never
-		// started (the namespace could not be entered), wp.err says why.
-		select {
-		case err = <-started:
-		default:
-			err = wp.err
+		if wp.err != nil {
+			// Do fails before fn runs when the namespace can't be
+			// entered; then fn never said whether the worker started.
+			select {
+			case started <- wp.err:
+			default:
+			}
 		}
-	}
-	if err != nil {
+	}()
+	if err := <-started; err != nil {
 		<-wp.done
 		return nil, fmt.Errorf("starting a %s worker (%s): %w", j.Role, command[0], err)
 	}

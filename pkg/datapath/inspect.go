@@ -82,12 +82,7 @@ func (in *inspector) inspect(namespaces []netns.NsHandle) (map[sockopsSockKey]so
 	defer own.Close()
 	reports := make(map[sockopsSockKey]socketReport)
 	for _, ns := range namespaces {
-		if ns.Equal(own) {
-			err = readIter(in.iter, reports)
-		} else {
-			err = readIterIn(ns, own, in.iter, reports)
-		}
-		if err != nil {
+		if err := readIterIn(ns, own, in.iter, reports); err != nil {
 			return nil, err
 		}
 	}
@@ -105,21 +100,36 @@ func closeNamespaces(namespaces []netns.NsHandle) {
 }
 
 // readIterIn reads the iterator in network namespace ns, own being this
-// process's. An iterator walks the namespace it was opened in, so the
-// thread enters ns only to open it and comes back before reading. The
-// thread is thrown away (it exits with its goroutine) only if it can't come
-// back; the Go runtime never ends the main thread, which would otherwise
-// stay parked in ns, holding it, as the namespace of this process.
+// process's.
 func readIterIn(ns, own netns.NsHandle, it *link.Iter, into map[sockopsSockKey]socketReport) error {
 	rd, err := openIterIn(ns, own, it)
 	if err != nil {
 		return err
 	}
 	defer rd.Close()
-	return readReports(rd, into)
+	buffered := bufio.NewReaderSize(rd, 64<<10) // one read(2) for many sockets
+	for {
+		var r socketReport
+		err := binary.Read(buffered, binary.NativeEndian, &r)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("reading the socket inspector: %w", err)
+		}
+		into[r.Key] = r
+	}
 }
 
+// openIterIn opens the iterator in ns. An iterator walks the namespace it
+// was opened in, so a thread enters ns only for the open and comes back.
+// The thread is thrown away (it exits with its goroutine) only if it can't
+// come back; the Go runtime never ends the main thread, which would
+// otherwise stay parked in ns, holding it, as the namespace of this process.
 func openIterIn(ns, own netns.NsHandle, it *link.Iter) (io.ReadCloser, error) {
+	if ns.Equal(own) {
+		return it.Open()
+	}
 	type opened struct {
 		rd  io.ReadCloser
 		err error
@@ -140,30 +150,4 @@ func openIterIn(ns, own netns.NsHandle, it *link.Iter) (io.ReadCloser, error) {
 	}()
 	o := <-done
 	return o.rd, o.err
-}
-
-// readIter reads the iterator in the calling thread's network namespace.
-func readIter(it *link.Iter, into map[sockopsSockKey]socketReport) error {
-	rd, err := it.Open()
-	if err != nil {
-		return err
-	}
-	defer rd.Close()
-	return readReports(rd, into)
-}
-
-// readReports reads an opened iterator's reports into into.
-func readReports(rd io.Reader, into map[sockopsSockKey]socketReport) error {
-	buffered := bufio.NewReaderSize(rd, 64<<10) // one read(2) for many sockets
-	for {
-		var r socketReport
-		err := binary.Read(buffered, binary.NativeEndian, &r)
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("reading the socket inspector: %w", err)
-		}
-		into[r.Key] = r
-	}
 }
