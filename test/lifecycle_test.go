@@ -11,6 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/pkg/sandbox"
@@ -82,15 +83,7 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
 	time.Sleep(300 * time.Millisecond)
 
-	other, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.SockOps,
-		License:      "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := otherSockOps(t)
 	pin := filepath.Join(e.PinDir, "prog_sockops")
 	if err := os.Remove(pin); err != nil {
 		t.Fatal(err)
@@ -111,6 +104,61 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 	}
 	if ids := e.AttachedSockOps(); len(ids) != 1 {
 		t.Errorf("sock_ops programs attached after the upgrade: %v, want one", ids)
+	}
+}
+
+// otherSockOps loads a sock_ops program that isn't sockredir's.
+func otherSockOps(t *testing.T) *ebpf.Program {
+	t.Helper()
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SockOps,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	return prog
+}
+
+// An upgrade that failed between pinning and swapping leaves the cgroup
+// link on another program than the pins name: the next up must finish the
+// swap, not answer "already up".
+func TestUpFinishesHalfDoneUpgrade(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	l, err := link.LoadPinnedLink(filepath.Join(e.PinDir, "link_sockops"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Update(otherSockOps(t)); err != nil {
+		t.Fatal(err)
+	}
+
+	if res := e.Up(datapath.Config{}); res != datapath.Upgraded {
+		t.Fatalf("up over a link running another program: %s, want %s", res, datapath.Upgraded)
+	}
+	pinned, err := ebpf.LoadPinnedProgram(filepath.Join(e.PinDir, "prog_sockops"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Close()
+	info, err := pinned.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	if attached := e.AttachedSockOps(); len(attached) != 1 || attached[0] != id {
+		t.Errorf("sock_ops programs attached: %v, want sockredir's (%d)", attached, id)
+	}
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 14}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if c := e.Status().Counters; c.BytesRedirected == 0 {
+		t.Errorf("not accelerating after the upgrade was finished: %+v", c)
 	}
 }
 

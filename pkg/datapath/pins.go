@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 )
 
 // DefaultPinDir is where pins go unless told otherwise.
@@ -153,6 +154,24 @@ func (p pins) loadProgram(name string) (*ebpf.Program, error) {
 		return nil, nil
 	}
 	return ebpf.LoadPinnedProgram(p.path(name), nil)
+}
+
+// linkedProgram opens the program that the pinned link name runs, or returns
+// nil when there is no such link.
+func (p pins) linkedProgram(name string) (*ebpf.Program, error) {
+	if !p.has(name) {
+		return nil, nil
+	}
+	l, err := link.LoadPinnedLink(p.path(name), nil)
+	if err != nil {
+		return nil, fmt.Errorf("opening the pinned link %s: %w", name, err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return nil, fmt.Errorf("reading the pinned link %s: %w", name, err)
+	}
+	return ebpf.NewProgramFromID(info.Program)
 }
 
 // removeAll removes every pin sockredir makes, then the directory if that

@@ -150,11 +150,11 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 		}
 	}
 
-	same, err := sameProgramsPinned(p, objs)
+	running, err := isRunning(p, objs)
 	if err != nil {
 		return "", err
 	}
-	if same && p.has(pinLink) {
+	if running {
 		// A `down` that was interrupted may have switched redirecting off.
 		if err := configure(objs, cfg); err != nil {
 			return "", err
@@ -181,13 +181,9 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	}); err != nil {
 		return "", fmt.Errorf("attaching the sk_msg program to the sockhash: %w", err)
 	}
+	// down detaches the sk_msg program by the pinned one: pin what is
+	// attached.
 	if err := p.pinProgram(objs.redirect.SockredirRedirect, pinRedirectProg); err != nil {
-		return "", err
-	}
-	if err := p.pinProgram(objs.sockops.SockredirSockops, pinSockopsProg); err != nil {
-		return "", err
-	}
-	if err := p.pinProgram(objs.sockopt.SockredirSetsockopt, pinSockoptProg); err != nil {
 		return "", err
 	}
 
@@ -198,8 +194,14 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if _, err := attachToCgroup(p, pinSockoptLink, cfg.Cgroup, ebpf.AttachCGroupSetsockopt, objs.sockopt.SockredirSetsockopt, "setsockopt"); err != nil {
 		return "", err
 	}
+	if err := p.pinProgram(objs.sockopt.SockredirSetsockopt, pinSockoptProg); err != nil {
+		return "", err
+	}
 	upgraded, err := attachToCgroup(p, pinLink, cfg.Cgroup, ebpf.AttachCGroupSockOps, objs.sockops.SockredirSockops, "sock_ops")
 	if err != nil {
+		return "", err
+	}
+	if err := p.pinProgram(objs.sockops.SockredirSockops, pinSockopsProg); err != nil {
 		return "", err
 	}
 	if upgraded {
@@ -237,32 +239,53 @@ func attachToCgroup(p pins, pinName, cgroup string, attach ebpf.AttachType, prog
 	return false, nil
 }
 
-// sameProgramsPinned reports whether the pinned programs are the ones just
-// loaded (the kernel's tag hashes the instructions).
-func sameProgramsPinned(p pins, objs *objects) (bool, error) {
+// isRunning reports whether this build's programs are the ones at work:
+// the cgroup links run them and the pins name them (the kernel's tag hashes
+// the instructions). The links are asked, not only the pins, because an
+// upgrade that failed half-way may have left a link on the old program.
+func isRunning(p pins, objs *objects) (bool, error) {
 	for name, prog := range map[string]*ebpf.Program{
 		pinSockopsProg:  objs.sockops.SockredirSockops,
 		pinRedirectProg: objs.redirect.SockredirRedirect,
 		pinSockoptProg:  objs.sockopt.SockredirSetsockopt,
 	} {
-		pinnedProg, err := p.loadProgram(name)
-		if err != nil || pinnedProg == nil {
+		pinned, err := p.loadProgram(name)
+		if err != nil || pinned == nil {
 			return false, err
 		}
-		pinnedInfo, err := pinnedProg.Info()
-		pinnedProg.Close()
-		if err != nil {
+		same, err := sameTag(pinned, prog)
+		pinned.Close()
+		if err != nil || !same {
 			return false, err
 		}
-		info, err := prog.Info()
-		if err != nil {
+	}
+	for name, prog := range map[string]*ebpf.Program{
+		pinLink:        objs.sockops.SockredirSockops,
+		pinSockoptLink: objs.sockopt.SockredirSetsockopt,
+	} {
+		linked, err := p.linkedProgram(name)
+		if err != nil || linked == nil {
 			return false, err
 		}
-		if pinnedInfo.Tag != info.Tag {
-			return false, nil
+		same, err := sameTag(linked, prog)
+		linked.Close()
+		if err != nil || !same {
+			return false, err
 		}
 	}
 	return true, nil
+}
+
+func sameTag(a, b *ebpf.Program) (bool, error) {
+	aInfo, err := a.Info()
+	if err != nil {
+		return false, err
+	}
+	bInfo, err := b.Info()
+	if err != nil {
+		return false, err
+	}
+	return aInfo.Tag == bInfo.Tag, nil
 }
 
 // configure writes cfg's policy and switches redirecting on.
