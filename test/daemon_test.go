@@ -399,8 +399,9 @@ func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 	if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil {
 		t.Fatal(err)
 	}
+	d.waitLog("the datapath was taken down: checks resume once `sockredir up` or a reload (SIGHUP) brings it back", nil)
 	d.signal(syscall.SIGHUP)
-	d.waitLog("reloaded", nil)
+	d.waitLog("the datapath was brought up again with new maps; looking after those", nil)
 	slowReader(33) // the new maps' counters start at 0
 	if m := d.scrape(); m["sockredir_upkeep_checks_total"] == 0 || m["sockredir_upkeep_failures_total"] != 0 {
 		t.Errorf("upkeep checks %v, failures %v; want checks and no failures",

@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -9,27 +10,41 @@ import (
 	"github.com/sockredir/sockredir/test/harness"
 )
 
+// checks adds up what a maintainer's checks did.
+type checks struct {
+	datapath.CheckResult
+	notUp    int // checks that found the datapath down
+	reopened int // checks that found new maps and moved to them
+}
+
 // runMaintainer checks e's datapath every 10 ms, as `sockredir daemon` does,
 // until the returned function is called; that returns what the checks did.
-func runMaintainer(t *testing.T, e *harness.Env, maxBacklog uint64) (stop func() datapath.CheckResult) {
+// Errors fail the test, except that the datapath is down.
+func runMaintainer(t *testing.T, e *harness.Env, maxBacklog uint64) (stop func() checks) {
 	maintainer, err := datapath.NewMaintainer(e.PinDir, maxBacklog)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	stopped := make(chan struct{})
-	var total datapath.CheckResult
+	var total checks
 	go func() {
 		defer close(stopped)
-		maintainer.Run(ctx, 10*time.Millisecond, nil, func(res datapath.CheckResult, err error) {
-			if err != nil {
+		maintainer.Run(ctx, 10*time.Millisecond, func(res datapath.CheckResult, err error) {
+			switch {
+			case errors.Is(err, datapath.ErrNotUp):
+				total.notUp++
+			case err != nil:
 				t.Errorf("checking the datapath: %v", err)
 			}
 			total.OverBacklog += res.OverBacklog
 			total.Released += res.Released
+			if res.Reopened {
+				total.reopened++
+			}
 		})
 	}()
-	return func() datapath.CheckResult {
+	return func() checks {
 		cancel()
 		<-stopped
 		return total
@@ -122,5 +137,28 @@ func TestBlockingServerLearned(t *testing.T) {
 	}
 	if len(st.RefusingPorts) != 1 || st.RefusingPorts[0].Reason != "blocking reads" {
 		t.Errorf("ports kept on TCP: %+v, want the server's, for its blocking reads", st.RefusingPorts)
+	}
+}
+
+// After a `down` and a new `up` (by hand, beside a running daemon), the
+// maintainer looks after the new maps: a settled connection is released
+// from them.
+func TestMaintainerFollowsANewUp(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	stop := runMaintainer(t, e, 0)
+	if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	e.Up(datapath.Config{})
+	runCase(t, e, "rcvlowat-then-fionread", 1000)
+	res := stop()
+	if res.notUp == 0 || res.reopened != 1 || res.Released != 2 {
+		t.Errorf("%d checks found the datapath down, %d moved to new maps, %d sockets released; want some, 1, 2",
+			res.notUp, res.reopened, res.Released)
+	}
+	if st := e.Status(); st.Sockets != 0 {
+		t.Errorf("%d sockets left in the new map, want none", st.Sockets)
 	}
 }

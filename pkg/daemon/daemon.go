@@ -65,10 +65,10 @@ type daemon struct {
 	cgroup  string
 	pinDir  string
 	tracker *localaddr.Tracker
-	// renew asks the maintainer loop to open the datapath again: a reload
-	// may have brought it back with new maps after someone took it down.
-	renew  chan struct{}
-	upkeep *metrics.Upkeep
+	upkeep  *metrics.Upkeep
+	// down is whether the last check found the datapath taken down (only
+	// the maintainer's goroutine uses it).
+	down bool
 	// datapathMu keeps Up and the tracker's address updates apart.
 	datapathMu sync.Mutex
 }
@@ -77,7 +77,7 @@ type daemon struct {
 // datapath can't be brought up at start, the metrics address can't be
 // served, or the local addresses can't be followed.
 func Run(ctx context.Context, opts Options) error {
-	d := &daemon{opts: opts, log: opts.Log, renew: make(chan struct{}, 1), upkeep: metrics.NewUpkeep()}
+	d := &daemon{opts: opts, log: opts.Log, upkeep: metrics.NewUpkeep()}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -117,7 +117,7 @@ func Run(ctx context.Context, opts Options) error {
 			stop(err)
 		}
 	})
-	wg.Go(func() { maintainer.Run(ctx, opts.CheckInterval, d.renew, d.reportCheck) })
+	wg.Go(func() { maintainer.Run(ctx, opts.CheckInterval, d.reportCheck) })
 	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir),
 		zap.Uint64("max_backlog", maintainer.MaxBacklog()))
 
@@ -135,8 +135,20 @@ func Run(ctx context.Context, opts Options) error {
 	return d.exit()
 }
 
-// reportCheck counts and logs what one check of the upkeep did.
+// reportCheck counts and logs what one check of the upkeep did. A datapath
+// that someone took down is no failure of the upkeep (healthz and the
+// metrics say it is down): it is logged once, and nothing is counted until
+// it is back.
 func (d *daemon) reportCheck(res datapath.CheckResult, err error) {
+	wasDown := d.down
+	d.down = errors.Is(err, datapath.ErrNotUp)
+	if d.down {
+		if !wasDown {
+			d.log.Warn("the datapath was taken down: checks resume once `sockredir up` or a reload (SIGHUP) brings it back",
+				zap.Error(err))
+		}
+		return
+	}
 	d.upkeep.Checks.Inc()
 	d.upkeep.Released.Add(float64(res.Released))
 	d.upkeep.Aborted.Add(float64(res.Aborted))
@@ -144,6 +156,8 @@ func (d *daemon) reportCheck(res datapath.CheckResult, err error) {
 	switch {
 	case err != nil:
 		d.upkeep.Failures.Inc()
+	case res.Reopened:
+		d.log.Info("the datapath was brought up again with new maps; looking after those")
 	case res.OverBacklog > 0 || res.Released > 0:
 		d.log.Debug("checked the datapath's sockets", zap.Int("over_backlog", res.OverBacklog),
 			zap.Int("released", res.Released))
@@ -197,9 +211,8 @@ func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 // reload reads the configuration again and runs Up with it, which changes
 // nothing when nothing changed, puts a changed policy in place, brings the
 // datapath back if someone took it down, and upgrades it in place after a
-// new build was installed. Then the
-// local addresses are listed afresh. A failed reload leaves what runs as it
-// was.
+// new build was installed. Then the local addresses are listed afresh. A
+// failed reload leaves what runs as it was.
 func (d *daemon) reload() {
 	d.log.Info("reloading")
 	cfg, err := d.config()
@@ -218,10 +231,6 @@ func (d *daemon) reload() {
 		return
 	}
 	d.tracker.Resync()
-	select {
-	case d.renew <- struct{}{}:
-	default: // one is pending already
-	}
 	d.log.Info("reloaded")
 }
 

@@ -73,13 +73,9 @@ func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 	if err != nil {
 		return err
 	}
-	info, err := maps["sock_hash"].Info()
+	id, err := mapID(maps["sock_hash"])
 	if err != nil {
 		return err
-	}
-	id, ok := info.ID()
-	if !ok {
-		return errors.New("this kernel doesn't tell a map's id")
 	}
 	if err := spec.Variables["sock_hash_id"].Set(uint32(id)); err != nil {
 		return err

@@ -69,6 +69,7 @@ type Maintainer struct {
 	maxBacklog uint64
 	pinDir     string
 	maps       map[string]*ebpf.Map
+	sockHashID ebpf.MapID // which sock_hash the checks look after
 	inspector  *inspector
 	namespaces *localaddr.Namespaces        // looked at again at every check: a new pod's sockets count at once
 	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
@@ -90,6 +91,7 @@ type CheckResult struct {
 	OverBacklog int // sockets over the backlog limit: their connections went back to TCP
 	Released    int // sockets taken out of sock_hash, back to plain TCP
 	Aborted     int // connections aborted: their splice reader can't read what was redirected to it
+	Reopened    bool // a `down` and a new `up` had replaced the maps; this check and the next look after the new ones
 }
 
 // NewMaintainer prepares checks of the datapath pinned in pinDir
@@ -109,14 +111,19 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if meta == nil {
-		return nil, fmt.Errorf("nothing is up in %s", pinDir)
+	if meta == nil || !p.has(pinLink) {
+		return nil, fmt.Errorf("%w in %s", ErrNotUp, pinDir)
 	}
 	if err := meta.checkABI(pinDir); err != nil {
 		return nil, err
 	}
 	maps, err := p.loadMaps()
 	if err != nil {
+		return nil, err
+	}
+	sockHashID, err := mapID(maps["sock_hash"])
+	if err != nil {
+		closeMaps(maps)
 		return nil, err
 	}
 	namespaces, err := localaddr.OpenNamespaces(meta.cgroup())
@@ -130,13 +137,17 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 		closeMaps(maps)
 		return nil, err
 	}
-	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, maps: maps, inspector: in, namespaces: namespaces,
-		settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{}}, nil
+	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, maps: maps, sockHashID: sockHashID, inspector: in,
+		namespaces: namespaces, settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{}}, nil
 }
 
 // Check runs once over the cgroup's sockets.
 func (m *Maintainer) Check() (CheckResult, error) {
 	var res CheckResult
+	var err error
+	if res.Reopened, err = m.followPins(); err != nil {
+		return res, err
+	}
 	if err := m.namespaces.Refresh(); err != nil {
 		return res, fmt.Errorf("finding the cgroup's network namespaces: %w", err)
 	}
@@ -175,6 +186,27 @@ func (m *Maintainer) Check() (CheckResult, error) {
 	aborted, err := m.abortAbandoned(reports, now)
 	res.Aborted = aborted
 	return res, err
+}
+
+// followPins makes the checks look after the maps pinned now: after a `down`
+// and a new `up`, the maps held so far are orphans, and the new ones hold
+// the sockets.
+func (m *Maintainer) followPins() (reopened bool, err error) {
+	p := pins(m.pinDir)
+	id, err := p.mapID("sock_hash")
+	if errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("%w in %s", ErrNotUp, m.pinDir)
+	}
+	if err != nil || id == m.sockHashID {
+		return false, err
+	}
+	fresh, err := NewMaintainer(m.pinDir, m.maxBacklog)
+	if err != nil {
+		return false, fmt.Errorf("opening the datapath that a new up attached: %w", err)
+	}
+	m.Close()
+	*m = *fresh
+	return true, nil
 }
 
 // abortAbandoned marks for abortion, at the next check, the sockets that
@@ -258,10 +290,9 @@ func (res CheckResult) WarnAbout(log *zap.Logger, err error) {
 }
 
 // Run checks every interval (0 means DefaultCheckInterval) until ctx is
-// done, and tells report what each check did. Whenever reopen delivers, it
-// opens the datapath again first: a new `up` may have brought it back with
-// new maps after a `down`. It closes the Maintainer when it returns.
-func (m *Maintainer) Run(ctx context.Context, interval time.Duration, reopen <-chan struct{}, report func(CheckResult, error)) {
+// done, and tells report what each check did. It closes the Maintainer when
+// it returns.
+func (m *Maintainer) Run(ctx context.Context, interval time.Duration, report func(CheckResult, error)) {
 	defer func() { m.Close() }()
 	if interval == 0 {
 		interval = DefaultCheckInterval
@@ -272,15 +303,6 @@ func (m *Maintainer) Run(ctx context.Context, interval time.Duration, reopen <-c
 		select {
 		case <-ctx.Done():
 			return
-		case <-reopen:
-			fresh, err := NewMaintainer(m.pinDir, m.maxBacklog)
-			if err != nil {
-				report(CheckResult{}, fmt.Errorf("opening the datapath again (going on with the old one): %w", err))
-				continue
-			}
-			m.Close()
-			*m = *fresh
-			continue
 		case <-tick.C:
 		}
 		report(m.Check())

@@ -174,6 +174,28 @@ func (p pins) linkedProgram(name string) (*ebpf.Program, error) {
 	return ebpf.NewProgramFromID(info.Program)
 }
 
+// mapID is the id of the pinned map name.
+func (p pins) mapID(name string) (ebpf.MapID, error) {
+	m, err := ebpf.LoadPinnedMap(p.path(name), nil)
+	if err != nil {
+		return 0, err
+	}
+	defer m.Close()
+	return mapID(m)
+}
+
+func mapID(m *ebpf.Map) (ebpf.MapID, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, err
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("this kernel doesn't tell a map's id")
+	}
+	return id, nil
+}
+
 // removeAll removes every pin sockredir makes, then the directory if that
 // left it empty. Pins of anyone else stay.
 func (p pins) removeAll() error {

@@ -94,7 +94,7 @@ func Run(opts Options) (int, error) {
 	upkeepDone := make(chan struct{})
 	go func() {
 		defer close(upkeepDone)
-		maintainer.Run(ctx, 0, nil, func(res datapath.CheckResult, err error) { res.WarnAbout(log, err) })
+		maintainer.Run(ctx, 0, func(res datapath.CheckResult, err error) { res.WarnAbout(log, err) })
 	}()
 
 	code, runErr := runCommand(cg, opts)
