@@ -88,9 +88,9 @@ func (m *Maintainer) MaxBacklog() uint64 { return m.maxBacklog }
 
 // CheckResult is what one Check did.
 type CheckResult struct {
-	OverBacklog int // sockets over the backlog limit: their connections went back to TCP
-	Released    int // sockets taken out of sock_hash, back to plain TCP
-	Aborted     int // connections aborted: their splice reader can't read what was redirected to it
+	OverBacklog int  // sockets over the backlog limit: their connections went back to TCP
+	Released    int  // sockets taken out of sock_hash, back to plain TCP
+	Aborted     int  // connections aborted: their splice reader can't read what was redirected to it
 	Reopened    bool // a `down` and a new `up` had replaced the maps; this check and the next look after the new ones
 }
 
