@@ -244,31 +244,24 @@ func attachToCgroup(p pins, pinName, cgroup string, attach ebpf.AttachType, prog
 // the instructions). The links are asked, not only the pins, because an
 // upgrade that failed half-way may have left a link on the old program.
 func isRunning(p pins, objs *objects) (bool, error) {
-	for name, prog := range map[string]*ebpf.Program{
-		pinSockopsProg:  objs.sockops.SockredirSockops,
-		pinRedirectProg: objs.redirect.SockredirRedirect,
-		pinSockoptProg:  objs.sockopt.SockredirSetsockopt,
+	sockops, sockopt := objs.sockops.SockredirSockops, objs.sockopt.SockredirSetsockopt
+	for _, c := range []struct {
+		pin  string
+		open func(string) (*ebpf.Program, error)
+		want *ebpf.Program
+	}{
+		{pinSockopsProg, p.loadProgram, sockops},
+		{pinRedirectProg, p.loadProgram, objs.redirect.SockredirRedirect},
+		{pinSockoptProg, p.loadProgram, sockopt},
+		{pinLink, p.linkedProgram, sockops},
+		{pinSockoptLink, p.linkedProgram, sockopt},
 	} {
-		pinned, err := p.loadProgram(name)
-		if err != nil || pinned == nil {
+		prog, err := c.open(c.pin)
+		if err != nil || prog == nil {
 			return false, err
 		}
-		same, err := sameTag(pinned, prog)
-		pinned.Close()
-		if err != nil || !same {
-			return false, err
-		}
-	}
-	for name, prog := range map[string]*ebpf.Program{
-		pinLink:        objs.sockops.SockredirSockops,
-		pinSockoptLink: objs.sockopt.SockredirSetsockopt,
-	} {
-		linked, err := p.linkedProgram(name)
-		if err != nil || linked == nil {
-			return false, err
-		}
-		same, err := sameTag(linked, prog)
-		linked.Close()
+		same, err := sameTag(prog, c.want)
+		prog.Close()
 		if err != nil || !same {
 			return false, err
 		}
