@@ -3,6 +3,8 @@ package hostfs
 import (
 	"strings"
 	"testing"
+
+	"github.com/sockredir/sockredir/test/testenv"
 )
 
 func TestParseMountinfo(t *testing.T) {
@@ -56,7 +58,7 @@ func TestWithin(t *testing.T) {
 func TestCgroupV2MountOnThisHost(t *testing.T) {
 	mp, err := CgroupV2Mount()
 	if err != nil {
-		t.Skipf("no cgroup v2 here: %v", err)
+		testenv.Skipf(t, "no cgroup v2 here: %v", err)
 	}
 	if err := CheckCgroup(mp); err != nil {
 		t.Fatalf("the cgroup2 mount point %s fails its own check: %v", mp, err)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sockredir/sockredir/pkg/sandbox"
+	"github.com/sockredir/sockredir/test/testenv"
 	"github.com/vishvananda/netlink"
 )
 
@@ -37,9 +38,7 @@ func TestListHasLoopback(t *testing.T) {
 // next Refresh, and closes it once no process of the cgroup is in it. The
 // "cgroup" is a directory with a cgroup.procs file: Namespaces only reads it.
 func TestNamespacesFollowTheCgroup(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
+	testenv.RequireRoot(t, "for network namespaces")
 	pod, err := sandbox.NewNetns()
 	if err != nil {
 		t.Fatal(err)
@@ -107,9 +106,7 @@ func TestNamespacesFollowTheCgroup(t *testing.T) {
 // A process that enters a namespace of its own after joining the cgroup
 // (unshare -n, ip netns exec) is followed there within restatEvery.
 func TestNamespacesFollowAProcessThatMoves(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
+	testenv.RequireRoot(t, "for network namespaces")
 	cgroup := t.TempDir()
 	mover := exec.Command("sh", "-c", "read go; exec unshare -n sleep 60")
 	start, err := mover.StdinPipe()

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockredir/sockredir/pkg/sandbox"
+	"github.com/sockredir/sockredir/test/testenv"
 )
 
 func TestDifference(t *testing.T) {
@@ -67,9 +68,7 @@ func delLink(t *testing.T, ns *sandbox.Netns, name string) {
 // it. The "cgroup" is a directory with a cgroup.procs file: the tracker
 // only reads it.
 func TestTracker(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
+	testenv.RequireRoot(t, "for network namespaces")
 	own, err := sandbox.NewNetns()
 	if err != nil {
 		t.Fatal(err)

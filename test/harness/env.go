@@ -16,6 +16,7 @@ import (
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/pkg/policy"
 	"github.com/sockredir/sockredir/pkg/sandbox"
+	"github.com/sockredir/sockredir/test/testenv"
 )
 
 // Env is one test's cgroup, pin directory and network namespace.
@@ -36,13 +37,7 @@ type Env struct {
 // (CI=true), where such a test must fail: the privileged tests are the point.
 func RequirePrivileges(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("the end-to-end tests need root, and CI=true: run them as root")
-	}
-	t.Skip("needs root to load BPF programs (set CI=true to make this a failure)")
+	testenv.RequireRoot(t, "to load BPF programs")
 }
 
 // New makes a cgroup, a pin directory name and a network namespace with
