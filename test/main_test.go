@@ -11,6 +11,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	maybeExecWithBoundingSet()
 	harness.MaybeRunAgent()
 	os.Exit(m.Run())
 }
