@@ -193,7 +193,7 @@ func TestFullMapFallsBackToTCP(t *testing.T) {
 func TestFullMapLeavesNoSocketAlone(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{MapSize: 1})
-	r := runCase(t, e, "reply-then-fionread", 1000)
+	r := runCase(t, e, harness.Case{Name: "reply-then-fionread", Bytes: 1000})
 	if r.Values["fionread"] != 1000 {
 		t.Errorf("FIONREAD of the client: %d, want 1000", r.Values["fionread"])
 	}

@@ -3,6 +3,7 @@ package test
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -44,19 +45,23 @@ func runMaintainer(t *testing.T, e *harness.Env, maxBacklog uint64) (stop func()
 			}
 		})
 	}()
+	// Also when the test fails before it stops them: checks must not
+	// outlive the test, nor run while the datapath is taken down.
+	var once sync.Once
+	halt := func() { once.Do(func() { cancel(); <-stopped }) }
+	t.Cleanup(halt)
 	return func() checks {
-		cancel()
-		<-stopped
+		halt()
 		return total
 	}
 }
 
-// runCase runs the named case in e and fails the test for every error that
-// the case's application saw.
-func runCase(t *testing.T, e *harness.Env, name string, bytes int64) harness.CaseResult {
+// runCase runs case c in e and fails the test for every error that the
+// case's application saw.
+func runCase(t *testing.T, e *harness.Env, c harness.Case) harness.CaseResult {
 	t.Helper()
 	var r harness.CaseResult
-	e.Run(harness.Scenario{Case: &harness.Case{Name: name, Bytes: bytes}}, &r)
+	e.Run(harness.Scenario{Case: &c}, &r)
 	for who, err := range r.Errors {
 		t.Errorf("%s: %s", who, err)
 	}
@@ -105,7 +110,7 @@ func TestSettledConnectionLeavesTheMap(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
 	stop := runMaintainer(t, e, 0)
-	r := runCase(t, e, "rcvlowat-then-fionread", 1000)
+	r := runCase(t, e, harness.Case{Name: "rcvlowat-then-fionread", Bytes: 1000})
 	res := stop()
 	if r.Values["fionread"] != 1000 {
 		t.Errorf("FIONREAD after the connection went back to TCP: %d, want 1000", r.Values["fionread"])
@@ -124,7 +129,7 @@ func TestBlockingServerLearned(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
 	stop := runMaintainer(t, e, 0)
-	runCase(t, e, "blocking-server-twice", 4096)
+	runCase(t, e, harness.Case{Name: "blocking-server-twice", Bytes: 4096})
 	res := stop()
 	st := e.Status()
 	// The first connection goes back to TCP and is released: before its
@@ -152,7 +157,7 @@ func TestMaintainerFollowsANewUp(t *testing.T) {
 	}
 	time.Sleep(100 * time.Millisecond)
 	e.Up(datapath.Config{})
-	runCase(t, e, "rcvlowat-then-fionread", 1000)
+	runCase(t, e, harness.Case{Name: "rcvlowat-then-fionread", Bytes: 1000})
 	res := stop()
 	if res.notUp == 0 || res.reopened != 1 || res.Released != 2 {
 		t.Errorf("%d checks found the datapath down, %d moved to new maps, %d sockets released; want some, 1, 2",

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -74,20 +75,74 @@ func TestPolicyReloadInPlace(t *testing.T) {
 		t.Fatal(err)
 	}
 	tr.Check(t, &res)
-	if c := transferOn(t, e, "127.0.0.1:7011", 5); c.SocketsAdded != 0 {
-		t.Errorf("the new policy's excluded port was accelerated: %+v", c)
+	if c := e.Status().Counters; c.BytesRedirected != uint64(2*tr.Bytes) || c.BytesPassed != 0 {
+		t.Errorf("the stream across the reload: %d bytes redirected, %d passed; want all %d redirected",
+			c.BytesRedirected, c.BytesPassed, 2*tr.Bytes)
+	}
+	if c := transferOn(t, e, "127.0.0.1:7011", 5); c.SocketsAdded != 0 || c.PolicySkipped != 1 {
+		t.Errorf("the new policy's excluded port: %+v, want it skipped by the policy", c)
+	}
+	if c := transferOn(t, e, "127.0.0.1:7012", 7); c.SocketsAdded != 2 || c.BytesRedirected == 0 {
+		t.Errorf("another port after the reload: %+v, want it accelerated", c)
 	}
 }
 
-// accelerate_blocking opts blocking clients in (iperf3, simple clients).
+// accelerate_blocking opts blocking clients in (iperf3, simple clients);
+// without it they stay on TCP.
 func TestPolicyAccelerateBlocking(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		policy      string
+		accelerated bool
+	}{
+		{"default", "", false},
+		{"accelerate_blocking", "redirect:\n  accelerate_blocking: true\n", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := harness.New(t)
+			cfg := datapath.Config{}
+			if tc.policy != "" {
+				cfg.Policy = mustParse(t, tc.policy)
+			}
+			e.Up(cfg)
+			r := runCase(t, e, harness.Case{Name: "blocking-client-sends", Bytes: 1 << 20})
+			if got := r.Received["server"]; !got.Intact() {
+				t.Errorf("the server read %d of %d bytes, intact %v", got.Bytes, got.WantSize, got.Intact())
+			}
+			c := e.Status().Counters
+			if accelerated := c.BlockingSkipped == 0 && c.BytesRedirected == 1<<20; accelerated != tc.accelerated {
+				t.Errorf("blocking client accelerated: %v, want %v; counters %+v", accelerated, tc.accelerated, c)
+			}
+			if !tc.accelerated && c.BlockingSkipped != 1 {
+				t.Errorf("blocking clients skipped: %d, want 1", c.BlockingSkipped)
+			}
+		})
+	}
+}
+
+// bufferTuning is a tuning rule for port 7100 that every kernel applies.
+const bufferTuning = `
+tuning:
+  - ports: [7100]
+    rcvbuf: 100000
+    sndbuf: 150000
+    congestion: reno
+    init_cwnd: 23
+`
+
+// A tuning rule's settings are what both ends' sockets report.
+func TestTuningApplied(t *testing.T) {
 	e := harness.New(t)
-	e.Up(datapath.Config{Policy: mustParse(t, "redirect:\n  accelerate_blocking: true\n")})
-	var r harness.CaseResult
-	e.Run(harness.Scenario{Case: &harness.Case{Name: "fionread", Bytes: 1000}}, &r)
-	c := e.Status().Counters
-	if c.BlockingSkipped != 0 || c.BytesRedirected == 0 {
-		t.Errorf("want the blocking client accelerated, got %+v", c)
+	e.Up(datapath.Config{Policy: mustParse(t, bufferTuning)})
+	r := runCase(t, e, harness.Case{Name: "tcp-tuning", Target: "127.0.0.1:7100"})
+	for _, side := range []string{"client", "server"} {
+		// The kernel doubles SO_RCVBUF and SO_SNDBUF for its own
+		// bookkeeping; no data has been sent, so the congestion window
+		// is where init_cwnd put it.
+		got := []int64{r.Values[side+"_rcvbuf"], r.Values[side+"_sndbuf"], r.Values[side+"_snd_cwnd"]}
+		if want := []int64{200000, 300000, 23}; !slices.Equal(got, want) || r.Texts[side+"_congestion"] != "reno" {
+			t.Errorf("%s: rcvbuf, sndbuf, cwnd %v and congestion %q; want %v and reno", side, got, r.Texts[side+"_congestion"], want)
+		}
 	}
 }
 
@@ -95,14 +150,7 @@ func TestPolicyAccelerateBlocking(t *testing.T) {
 func TestTuningVisibleInSS(t *testing.T) {
 	requireApps(t, "ss")
 	e := harness.New(t)
-	e.Up(datapath.Config{Policy: mustParse(t, `
-tuning:
-  - ports: [7100]
-    rcvbuf: 100000
-    sndbuf: 150000
-    congestion: reno
-    init_cwnd: 23
-`)})
+	e.Up(datapath.Config{Policy: mustParse(t, bufferTuning)})
 	tr := harness.Transfer{Listen: "127.0.0.1:7100", Bytes: 1 << 20, Seed: 6, HoldOpen: time.Second}
 	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
 	time.Sleep(300 * time.Millisecond)
@@ -128,7 +176,7 @@ func TestTuningNeedsECN(t *testing.T) {
 	e := harness.New(t)
 	options := func() (client, server int64) {
 		var r harness.CaseResult
-		e.Run(harness.Scenario{Case: &harness.Case{Name: "tcp-options", Target: "127.0.0.1:7200"}}, &r)
+		e.Run(harness.Scenario{Case: &harness.Case{Name: "tcp-tuning", Target: "127.0.0.1:7200"}}, &r)
 		return r.Values["client_options"], r.Values["server_options"]
 	}
 	const ecn = 8 // TCPI_OPT_ECN

@@ -79,7 +79,7 @@ func TestProbationClearsAPort(t *testing.T) {
 // splices from as a client. No upkeep is needed for that, on any kernel.
 func TestProbationKeepsSpliceReadersOnTCP(t *testing.T) {
 	e := upWithProbation(t)
-	r := runCase(t, e, "splice-relay", 8<<20)
+	r := runCase(t, e, harness.Case{Name: "splice-relay", Bytes: 8 << 20})
 	for _, p := range checkIntactNoErrors(&r) {
 		t.Error(p)
 	}
@@ -97,7 +97,7 @@ func TestProbationKeepsSpliceReadersOnTCP(t *testing.T) {
 // keeps the port on TCP once its probation connection asks.
 func TestProbationFIONREAD(t *testing.T) {
 	e := upWithProbation(t)
-	r := runCase(t, e, "fionread", 1000)
+	r := runCase(t, e, harness.Case{Name: "fionread", Bytes: 1000})
 	for _, name := range []string{"fionread", "fionread_next_connection"} {
 		if r.Values[name] != 1000 {
 			t.Errorf("%s: FIONREAD says %d bytes are waiting, want 1000", name, r.Values[name])
@@ -117,7 +117,7 @@ func TestProbationFIONREAD(t *testing.T) {
 // port stays on TCP, without the daemon's upkeep.
 func TestProbationKeepsBlockingServersOnTCP(t *testing.T) {
 	e := upWithProbation(t)
-	runCase(t, e, "blocking-server-twice", 4096)
+	runCase(t, e, harness.Case{Name: "blocking-server-twice", Bytes: 4096})
 	st := waitForStatus(t, e, "the server's port to be kept on TCP", func(st datapath.Status) bool { return len(st.RefusingPorts) > 0 })
 	if c := st.Counters; c.BytesRedirected != 0 || c.SocketsAdded != 0 || c.PortsCleared != 0 || c.ProbationConnections != 1 {
 		t.Errorf("counters %+v, want the first connection on probation and the second on TCP from the start", c)
@@ -173,6 +173,8 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 	var r harness.CaseResult
 	e.Run(harness.Scenario{Case: &harness.Case{Name: "splice-reader", Bytes: 1 << 20, Target: "127.0.0.1:7305"}}, &r)
 	st := e.Status()
+	first := r.Received["server"]
+	firstWhole := first.Intact() && r.Errors["server"] == ""
 	for _, suffix := range []string{"", " next connection"} {
 		got := r.Received["server"+suffix]
 		whole := got.Intact() && r.Errors["server"+suffix] == ""
@@ -181,8 +183,6 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 		case st.SpliceGuard && (!whole || !fellBack):
 			t.Errorf("connection%s: read %d of %d bytes intact=%v (fell back to read: %v, error %q), want all of it after EINVAL",
 				suffix, got.Bytes, got.WantSize, got.Intact(), fellBack, r.Errors["server"+suffix])
-		case !st.SpliceGuard && suffix == "" && !whole:
-			t.Logf("KNOWN-BAD: without the splice guard the first spliced connection read %d of %d bytes", got.Bytes, got.WantSize)
 		case !st.SpliceGuard && suffix != "" && !whole:
 			t.Errorf("next connection: read %d of %d bytes intact=%v (error %q), want all of it over TCP",
 				got.Bytes, got.WantSize, got.Intact(), r.Errors["server"+suffix])
@@ -199,6 +199,10 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 	if c := st.Counters; c.BytesRedirected > 1<<20 {
 		t.Errorf("counters %+v: want only the first spliced connection redirected", c)
 	}
+	if firstWhole {
+		t.Fatal("known-bad case passed (the first spliced connection without the splice guard): update docs/correctness.md")
+	}
+	t.Skipf("KNOWN-BAD: without the splice guard the first spliced connection read %d of %d bytes", first.Bytes, first.WantSize)
 }
 
 // A connection that lasts (a proxy's pool) would hold its port on probation

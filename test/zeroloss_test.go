@@ -91,8 +91,9 @@ var zeroLossCases = []struct {
 	}, nil},
 	{"abortive-close", 1 << 20, true, nil, func(r *harness.CaseResult) []string {
 		problems := checkIntactNoErrors(r)
-		if r.Values["prefix_matches"] != 1 {
-			problems = append(problems, fmt.Sprintf("after an RST the receiver read %d bytes that are not what was sent", r.Values["received"]))
+		if r.Values["prefix_matches"] != 1 || r.Values["received"] == 0 {
+			problems = append(problems, fmt.Sprintf("after an RST the receiver read %d bytes, intact %v; "+
+				"want a prefix of what was sent, with what was queued before the RST", r.Values["received"], r.Values["prefix_matches"] == 1))
 		}
 		return problems
 	}, nil},

@@ -34,6 +34,8 @@ type CaseResult struct {
 	Errors map[string]string `json:"errors,omitempty"`
 	// Values are other observations (FIONREAD, readiness, ...).
 	Values map[string]int64 `json:"values,omitempty"`
+	// Texts are observations that are names (a congestion control).
+	Texts map[string]string `json:"texts,omitempty"`
 }
 
 // Only returns the receivers and errors of r whose names end in suffix.
@@ -66,6 +68,7 @@ func (c Checked) Intact() bool {
 
 var cases = map[string]func(Case) (*CaseResult, error){
 	"half-close-blocking-client": halfCloseBlockingClient,
+	"blocking-client-sends":      blockingClientSends,
 	"splice-relay":               spliceRelay,
 	"splice-reader":              spliceReader,
 	"lasting-connection":         lastingConnection,
@@ -81,7 +84,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"reply-then-fionread":        withPair(replyThenFIONREAD),
 	"blocking-server-twice":      blockingServerTwice,
 	"connect-time":               connectTime,
-	"tcp-options":                tcpOptions,
+	"tcp-tuning":                 tcpTuning,
 }
 
 // Run runs the case in this process.
@@ -94,7 +97,7 @@ func (c *Case) Run() (*CaseResult, error) {
 }
 
 func newResult() *CaseResult {
-	return &CaseResult{Received: map[string]Checked{}, Errors: map[string]string{}, Values: map[string]int64{}}
+	return &CaseResult{Received: map[string]Checked{}, Errors: map[string]string{}, Values: map[string]int64{}, Texts: map[string]string{}}
 }
 
 // withPair runs a case on a fresh loopback connection, closed afterwards.
@@ -156,15 +159,11 @@ func halfCloseBlockingClient(c Case) (*CaseResult, error) {
 		serverDone <- err
 	}()
 
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0) // blocking
+	fd, err := dialBlocking(ln)
 	if err != nil {
 		return nil, err
 	}
 	defer unix.Close(fd)
-	port := ln.Addr().(*net.TCPAddr).Port
-	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		return nil, err
-	}
 	if _, err := io.Copy(fdWriter(fd), io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
 		res.Errors["client write"] = err.Error()
 	}
@@ -259,6 +258,57 @@ func (fd fdReader) Read(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return n, err
+}
+
+// blockingClientSends is a client on a blocking socket that only writes:
+// c.Bytes, then it closes. (Whether it is accelerated is up to the policy's
+// accelerate_blocking.)
+func blockingClientSends(c Case) (*CaseResult, error) {
+	res := newResult()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	fd, err := dialBlocking(ln)
+	if err != nil {
+		return nil, err
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	defer s.Close()
+	serverDone := make(chan error, 1)
+	go func() {
+		got, err := readAll(s.(*net.TCPConn), 0, 0)
+		res.Received["server"] = Checked{got, 1, c.Bytes}
+		serverDone <- err
+	}()
+	_, err = io.Copy(fdWriter(fd), io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes))
+	unix.Close(fd)
+	if err != nil {
+		res.Errors["client"] = err.Error()
+	}
+	if err := <-serverDone; err != nil {
+		res.Errors["server"] = err.Error()
+	}
+	return res, nil
+}
+
+// dialBlocking connects a blocking socket to ln (Go's own are non-blocking).
+func dialBlocking(ln net.Listener) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
 type fdWriter int
@@ -813,12 +863,17 @@ func replyThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error)
 	return res, nil
 }
 
-// abortiveClose sends, then closes with SO_LINGER 0 (an RST). The receiver
-// must read a prefix of what was sent and then an ordinary end: EOF or
+// abortiveClose sends, then closes with SO_LINGER 0 (an RST) once the
+// receiver has bytes queued. The receiver must read a prefix of what was
+// sent, at least what was queued, and then an ordinary end: EOF or
 // ECONNRESET, nothing else.
 func abortiveClose(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
 	if _, err := io.Copy(client, io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
+		return nil, err
+	}
+	// Bytes queued at the receiver before the RST stay readable.
+	if err := waitReadable(server, 2*time.Second); err != nil {
 		return nil, err
 	}
 	client.SetLinger(0)
@@ -888,10 +943,10 @@ func connectTime(c Case) (*CaseResult, error) {
 	return res, nil
 }
 
-// tcpOptions connects to itself on Target (127.0.0.1:port) and reports the
-// TCP options both ends negotiated (tcpi_options of TCP_INFO), as
-// "client_options" and "server_options".
-func tcpOptions(c Case) (*CaseResult, error) {
+// tcpTuning connects to c.Target (listening there itself) and reports what
+// each end's socket says about its tuning: the TCP options negotiated, the
+// buffer sizes, the congestion window and the congestion control.
+func tcpTuning(c Case) (*CaseResult, error) {
 	res := newResult()
 	ln, err := net.Listen("tcp", c.Target)
 	if err != nil {
@@ -908,16 +963,27 @@ func tcpOptions(c Case) (*CaseResult, error) {
 		return nil, err
 	}
 	defer server.Close()
-	for name, conn := range map[string]net.Conn{"client_options": client, "server_options": server} {
+	for side, conn := range map[string]net.Conn{"client": client, "server": server} {
 		var info *unix.TCPInfo
-		var ierr error
-		if err := control(conn.(*net.TCPConn), func(fd int) { info, ierr = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+		var rcvbuf, sndbuf int
+		var congestion string
+		var errs [4]error
+		if err := control(conn.(*net.TCPConn), func(fd int) {
+			info, errs[0] = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+			rcvbuf, errs[1] = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+			sndbuf, errs[2] = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
+			congestion, errs[3] = unix.GetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION)
+		}); err != nil {
 			return nil, err
 		}
-		if ierr != nil {
-			return nil, ierr
+		if err := errors.Join(errs[:]...); err != nil {
+			return nil, err
 		}
-		res.Values[name] = int64(info.Options)
+		res.Values[side+"_options"] = int64(info.Options)
+		res.Values[side+"_snd_cwnd"] = int64(info.Snd_cwnd)
+		res.Values[side+"_rcvbuf"] = int64(rcvbuf)
+		res.Values[side+"_sndbuf"] = int64(sndbuf)
+		res.Texts[side+"_congestion"] = congestion
 	}
 	return res, nil
 }

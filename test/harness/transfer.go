@@ -318,6 +318,11 @@ func TCPOutSegs() (uint64, error) {
 // Check fails tb unless every receiver got exactly the stream its peer sent.
 func (t *Transfer) Check(tb testing.TB, res *TransferResult) {
 	tb.Helper()
+	// Both ends of every connection: a server that ran elsewhere (Dial)
+	// is the caller's to add.
+	if conns := max(t.Connections, 1); len(res.Client) != conns || len(res.Server) != conns {
+		tb.Errorf("results of %d clients and %d servers, want %d of each", len(res.Client), len(res.Server), conns)
+	}
 	for i, got := range res.Client {
 		n := t.serverBytes()
 		if want := StreamSHA256(n, t.Seed+2*uint64(i)+1); got.SHA256 != want || got.Bytes != n {
