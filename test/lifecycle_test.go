@@ -153,11 +153,7 @@ func TestUpFinishesHalfDoneUpgrade(t *testing.T) {
 	if attached := e.AttachedSockOps(); len(attached) != 1 || attached[0] != id {
 		t.Errorf("sock_ops programs attached: %v, want sockredir's (%d)", attached, id)
 	}
-	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 14}
-	var res harness.TransferResult
-	e.Run(harness.Scenario{Transfer: &tr}, &res)
-	tr.Check(t, &res)
-	if c := e.Status().Counters; c.BytesRedirected == 0 {
+	if c := transferOn(t, e, "127.0.0.1:0", 14); c.BytesRedirected == 0 {
 		t.Errorf("not accelerating after the upgrade was finished: %+v", c)
 	}
 }
@@ -179,11 +175,7 @@ func TestUpRecoversFromInterruptedDown(t *testing.T) {
 	if sockops, setsockopt := e.AttachedSockOps(), e.AttachedSetsockopt(); len(sockops) != 1 || len(setsockopt) != 1 {
 		t.Errorf("attached after recovery: sock_ops %v, setsockopt %v; want one each", sockops, setsockopt)
 	}
-	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 13}
-	var res harness.TransferResult
-	e.Run(harness.Scenario{Transfer: &tr}, &res)
-	tr.Check(t, &res)
-	if c := e.Status().Counters; c.BytesRedirected == 0 {
+	if c := transferOn(t, e, "127.0.0.1:0", 13); c.BytesRedirected == 0 {
 		t.Errorf("not accelerating after recovery: %+v", c)
 	}
 }
