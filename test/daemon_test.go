@@ -337,7 +337,9 @@ func TestDaemonStartErrors(t *testing.T) {
 // deployedCapabilities are the capabilities deploy/kubernetes/daemonset.yaml
 // and deploy/systemd/sockredir.service give the daemon (their tests in
 // cmd/sockredir check that they say so).
-var deployedCapabilities = map[string]uintptr{"sys_admin": unix.CAP_SYS_ADMIN, "sys_ptrace": unix.CAP_SYS_PTRACE}
+var deployedCapabilities = map[string]uintptr{
+	"sys_admin": unix.CAP_SYS_ADMIN, "net_admin": unix.CAP_NET_ADMIN, "sys_ptrace": unix.CAP_SYS_PTRACE,
+}
 
 // boundingSetEnv turns this test binary into a wrapper, as util-linux's
 // `setpriv --bounding-set` is (the kernel matrix's busybox has no such

@@ -97,8 +97,8 @@ func TestKubernetesManifests(t *testing.T) {
 		added = append(added, string(capability))
 	}
 	slices.Sort(added)
-	if !slices.Equal(added, []string{"SYS_ADMIN", "SYS_PTRACE"}) || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
-		t.Errorf("capabilities: drop %v, add %v; want drop ALL, add SYS_ADMIN and SYS_PTRACE", sc.Capabilities.Drop, added)
+	if !slices.Equal(added, []string{"NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}) || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+		t.Errorf("capabilities: drop %v, add %v; want drop ALL, add NET_ADMIN, SYS_ADMIN and SYS_PTRACE", sc.Capabilities.Drop, added)
 	}
 	if sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation {
 		t.Error("allowPrivilegeEscalation: false is refused by the API together with CAP_SYS_ADMIN")
@@ -178,8 +178,8 @@ func TestSystemdUnit(t *testing.T) {
 	if exec[1] != "daemon" {
 		t.Errorf("the service must run `sockredir daemon`: %q", exec)
 	}
-	if got := service["CapabilityBoundingSet"]; !slices.Equal(got, []string{"CAP_SYS_ADMIN CAP_SYS_PTRACE"}) {
-		t.Errorf("CapabilityBoundingSet=%q, want the DaemonSet's two capabilities", got)
+	if got := service["CapabilityBoundingSet"]; !slices.Equal(got, []string{"CAP_SYS_ADMIN CAP_NET_ADMIN CAP_SYS_PTRACE"}) {
+		t.Errorf("CapabilityBoundingSet=%q, want the DaemonSet's three capabilities", got)
 	}
 	if got := service["RestrictNamespaces"]; !slices.Equal(got, []string{"net"}) {
 		t.Errorf("RestrictNamespaces=%q: the daemon enters network namespaces, so it must allow net", got)

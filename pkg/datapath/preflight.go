@@ -11,7 +11,7 @@ import (
 )
 
 // ErrPrivileges says that the caller may not load and attach BPF programs.
-var ErrPrivileges = errors.New("sockredir needs root (CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo")
+var ErrPrivileges = errors.New("sockredir needs root (CAP_NET_ADMIN, with CAP_SYS_ADMIN or with CAP_BPF and CAP_PERFMON): run it with sudo")
 
 // preflight checks what every command that touches the kernel needs, so that
 // a missing privilege or kernel feature is reported before anything changes.
@@ -26,7 +26,9 @@ func preflight() error {
 }
 
 // CheckPrivileges returns ErrPrivileges unless this process may load and
-// attach the datapath's programs.
+// attach the datapath's programs. CAP_NET_ADMIN is needed on every kernel:
+// before 6.5, only it lets a process create a sockhash (CAP_SYS_ADMIN
+// doesn't).
 func CheckPrivileges() error {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
@@ -34,7 +36,7 @@ func CheckPrivileges() error {
 		return fmt.Errorf("reading capabilities: %w", err)
 	}
 	has := func(c int) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
-	if has(unix.CAP_SYS_ADMIN) || (has(unix.CAP_BPF) && has(unix.CAP_PERFMON) && has(unix.CAP_NET_ADMIN)) {
+	if has(unix.CAP_NET_ADMIN) && (has(unix.CAP_SYS_ADMIN) || (has(unix.CAP_BPF) && has(unix.CAP_PERFMON))) {
 		return nil
 	}
 	return ErrPrivileges
@@ -58,7 +60,11 @@ var KernelRequirements = []KernelRequirement{
 // checkKernel reports a kernel that lacks what the datapath is built on.
 func checkKernel() error {
 	for _, need := range KernelRequirements {
-		if err := need.Check(); err != nil {
+		switch err := need.Check(); {
+		case errors.Is(err, unix.EPERM):
+			return fmt.Errorf("the kernel did not permit %s, which sockredir needs (a security module, or missing capabilities): %w",
+				need.What, err)
+		case err != nil:
 			return fmt.Errorf("this kernel has no %s, which sockredir needs: %w", need.What, err)
 		}
 	}
