@@ -865,14 +865,13 @@ func replyThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error)
 
 // abortiveClose sends, then closes with SO_LINGER 0 (an RST) once the
 // receiver has bytes queued. The receiver must read a prefix of what was
-// sent, at least what was queued, and then an ordinary end: EOF or
-// ECONNRESET, nothing else.
+// sent, not an empty one (the queued bytes stay readable), and then an
+// ordinary end: EOF or ECONNRESET, nothing else.
 func abortiveClose(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	res := newResult()
 	if _, err := io.Copy(client, io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
 		return nil, err
 	}
-	// Bytes queued at the receiver before the RST stay readable.
 	if err := waitReadable(server, 2*time.Second); err != nil {
 		return nil, err
 	}
