@@ -359,6 +359,9 @@ func maybeExecWithBoundingSet() {
 }
 
 func execWithBoundingSet(keep, args []string) error {
+	if len(args) == 0 {
+		return errors.New("no command to run")
+	}
 	kept := map[uintptr]bool{}
 	for _, name := range keep {
 		c, ok := deployedCapabilities[name]
@@ -383,6 +386,10 @@ func execWithBoundingSet(keep, args []string) error {
 				return fmt.Errorf("dropping capability %d: %w", c, err)
 			}
 		}
+	}
+	// Ambient capabilities would outlive the bounding set across exec.
+	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
+		return fmt.Errorf("clearing the ambient capabilities: %w", err)
 	}
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, boundingSetEnv+"=") })
 	return syscall.Exec(args[0], args, env)

@@ -83,7 +83,7 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
 	time.Sleep(300 * time.Millisecond)
 
-	other := otherSockOps(t)
+	other := otherProgram(t, ebpf.SockOps)
 	pin := filepath.Join(e.PinDir, "prog_sockops")
 	if err := os.Remove(pin); err != nil {
 		t.Fatal(err)
@@ -107,11 +107,11 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 	}
 }
 
-// otherSockOps loads a sock_ops program that isn't sockredir's.
-func otherSockOps(t *testing.T) *ebpf.Program {
+// otherProgram loads a program of type typ that isn't sockredir's.
+func otherProgram(t *testing.T, typ ebpf.ProgramType) *ebpf.Program {
 	t.Helper()
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.SockOps,
+		Type:         typ,
 		License:      "GPL",
 		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
 	})
@@ -133,7 +133,7 @@ func TestUpFinishesHalfDoneUpgrade(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	if err := l.Update(otherSockOps(t)); err != nil {
+	if err := l.Update(otherProgram(t, ebpf.SockOps)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -155,6 +155,27 @@ func TestUpFinishesHalfDoneUpgrade(t *testing.T) {
 	}
 	if c := transferOn(t, e, "127.0.0.1:0", 14); c.BytesRedirected == 0 {
 		t.Errorf("not accelerating after the upgrade was finished: %+v", c)
+	}
+}
+
+// An upgrade killed between attaching its sk_msg program and pinning it
+// leaves the pin naming the old program: down still finishes.
+func TestDownAfterUpgradeKilledBeforePinning(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	other := otherProgram(t, ebpf.SkMsg)
+	pin := filepath.Join(e.PinDir, "prog_redirect")
+	if err := os.Remove(pin); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Pin(pin); err != nil {
+		t.Fatal(err)
+	}
+	if wasUp, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil || !wasUp {
+		t.Fatalf("down with a stale sk_msg pin: %v (was up: %v)", err, wasUp)
+	}
+	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pins left after down: %v", err)
 	}
 }
 

@@ -66,9 +66,12 @@ type daemon struct {
 	pinDir  string
 	tracker *localaddr.Tracker
 	upkeep  *metrics.Upkeep
-	// down is whether the last check found the datapath taken down (only
-	// the maintainer's goroutine uses it).
-	down bool
+	// down is whether the last check found the datapath taken down, and
+	// lastFailure the error of the last check, if it failed: a failure
+	// that repeats is logged once (only the maintainer's goroutine uses
+	// them).
+	down        bool
+	lastFailure string
 	// datapathMu keeps Up and the tracker's address updates apart.
 	datapathMu sync.Mutex
 }
@@ -117,9 +120,9 @@ func Run(ctx context.Context, opts Options) error {
 			stop(err)
 		}
 	})
-	wg.Go(func() { maintainer.Run(ctx, opts.CheckInterval, d.reportCheck) })
 	d.log.Info("daemon running", zap.String("cgroup", d.cgroup), zap.String("pin_dir", d.pinDir),
 		zap.Uint64("max_backlog", maintainer.MaxBacklog()))
+	wg.Go(func() { maintainer.Run(ctx, opts.CheckInterval, d.reportCheck) })
 
 	for ctx.Err() == nil {
 		select {
@@ -138,7 +141,7 @@ func Run(ctx context.Context, opts Options) error {
 // reportCheck counts and logs what one check of the upkeep did. A datapath
 // that someone took down is no failure of the upkeep (healthz and the
 // metrics say it is down): it is logged once, and nothing is counted until
-// it is back.
+// it is back. A failure that repeats is counted each time, logged once.
 func (d *daemon) reportCheck(res datapath.CheckResult, err error) {
 	wasDown := d.down
 	d.down = errors.Is(err, datapath.ErrNotUp)
@@ -147,18 +150,25 @@ func (d *daemon) reportCheck(res datapath.CheckResult, err error) {
 			d.log.Warn("the datapath was taken down: checks resume once `sockredir up` or a reload (SIGHUP) brings it back",
 				zap.Error(err))
 		}
+		d.lastFailure = ""
 		return
+	}
+	if res.Reopened {
+		d.log.Info("the datapath was brought up again with new maps; looking after those")
 	}
 	d.upkeep.Checks.Inc()
 	d.upkeep.Released.Add(float64(res.Released))
 	d.upkeep.Aborted.Add(float64(res.Aborted))
-	res.WarnAbout(d.log, err)
-	switch {
-	case err != nil:
+	failure := ""
+	if err != nil {
 		d.upkeep.Failures.Inc()
-	case res.Reopened:
-		d.log.Info("the datapath was brought up again with new maps; looking after those")
-	case res.OverBacklog > 0 || res.Released > 0:
+		failure = err.Error()
+	}
+	if failure != d.lastFailure || res.Aborted > 0 {
+		res.WarnAbout(d.log, err)
+	}
+	d.lastFailure = failure
+	if err == nil && (res.OverBacklog > 0 || res.Released > 0) {
 		d.log.Debug("checked the datapath's sockets", zap.Int("over_backlog", res.OverBacklog),
 			zap.Int("released", res.Released))
 	}

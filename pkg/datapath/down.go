@@ -8,6 +8,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockredir/sockredir/pkg/hostfs"
 )
@@ -160,7 +161,10 @@ func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 	}
 }
 
-// detachRedirect takes the sk_msg program off the (now empty) map.
+// detachRedirect takes the sk_msg program off the (now empty) map. A
+// missing pin, or one that names another program than the one attached (an
+// upgrade killed between attaching and pinning), leaves the program to be
+// released with the map.
 func detachRedirect(p pins, sockHash *ebpf.Map) error {
 	prog, err := p.loadProgram(pinRedirectProg)
 	if err != nil || prog == nil || sockHash == nil {
@@ -172,7 +176,7 @@ func detachRedirect(p pins, sockHash *ebpf.Map) error {
 		Program: prog,
 		Attach:  ebpf.AttachSkMsgVerdict,
 	})
-	if err != nil {
+	if err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("detaching the sk_msg program: %w", err)
 	}
 	return nil

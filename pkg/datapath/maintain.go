@@ -37,6 +37,11 @@ const abandonTime = time.Second
 // refusedSplice is REFUSED_SPLICE of enum refusal (bpf/sockredir.h).
 const refusedSplice = 5
 
+// reopenBackoff is how long a datapath that could not be opened is left
+// alone before the checks try again (each try opens every namespace of the
+// cgroup and loads the inspector).
+const reopenBackoff = 5 * time.Second
+
 // modePass is MODE_PASS of enum redirect_mode (bpf/sockredir.h).
 const modePass = 2
 
@@ -75,6 +80,11 @@ type Maintainer struct {
 	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
 	abandoned  map[sockopsSockKey]unreadSince
 	aborting   []sockopsSockKey // in the inspector's aborts since the last check
+	// A datapath that could not be opened: which sock_hash, why, and when
+	// to try again.
+	failedID  ebpf.MapID
+	failedErr error
+	retryAt   time.Time
 }
 
 // unreadSince is a queue that nobody reads: its size, and since when.
@@ -190,21 +200,30 @@ func (m *Maintainer) Check() (CheckResult, error) {
 
 // followPins makes the checks look after the maps pinned now: after a `down`
 // and a new `up`, the maps held so far are orphans, and the new ones hold
-// the sockets.
+// the sockets. While nothing is up it holds nothing, pods' namespaces
+// included.
 func (m *Maintainer) followPins() (reopened bool, err error) {
 	p := pins(m.pinDir)
 	id, err := p.mapID("sock_hash")
 	if errors.Is(err, os.ErrNotExist) {
+		m.Close()
 		return false, fmt.Errorf("%w in %s", ErrNotUp, m.pinDir)
 	}
 	if err != nil || id == m.sockHashID {
 		return false, err
 	}
+	m.Close()
+	if id == m.failedID && time.Now().Before(m.retryAt) {
+		return false, m.failedErr
+	}
 	fresh, err := NewMaintainer(m.pinDir, m.maxBacklog)
 	if err != nil {
-		return false, fmt.Errorf("opening the datapath that a new up attached: %w", err)
+		err = fmt.Errorf("opening the datapath that a new up attached: %w", err)
+		if !errors.Is(err, ErrNotUp) { // an up still under way: try at the next check
+			m.failedID, m.failedErr, m.retryAt = id, err, time.Now().Add(reopenBackoff)
+		}
+		return false, err
 	}
-	m.Close()
 	*m = *fresh
 	return true, nil
 }
@@ -309,10 +328,17 @@ func (m *Maintainer) Run(ctx context.Context, interval time.Duration, report fun
 	}
 }
 
+// Close lets go of the maps, the inspector and the namespaces; closing
+// twice does nothing.
 func (m *Maintainer) Close() error {
+	if m.inspector == nil {
+		return nil
+	}
 	m.namespaces.Close()
 	closeMaps(m.maps)
-	return m.inspector.Close()
+	err := m.inspector.Close()
+	m.maps, m.sockHashID, m.inspector, m.namespaces = nil, 0, nil, nil
+	return err
 }
 
 // DefaultMaxBacklog is four times the largest receive buffer TCP gives a

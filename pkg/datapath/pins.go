@@ -156,22 +156,22 @@ func (p pins) loadProgram(name string) (*ebpf.Program, error) {
 	return ebpf.LoadPinnedProgram(p.path(name), nil)
 }
 
-// linkedProgram opens the program that the pinned link name runs, or returns
-// nil when there is no such link.
-func (p pins) linkedProgram(name string) (*ebpf.Program, error) {
+// linkedProgramID is the id of the program that the pinned link name runs,
+// or 0 when there is no such link.
+func (p pins) linkedProgramID(name string) (ebpf.ProgramID, error) {
 	if !p.has(name) {
-		return nil, nil
+		return 0, nil
 	}
 	l, err := link.LoadPinnedLink(p.path(name), nil)
 	if err != nil {
-		return nil, fmt.Errorf("opening the pinned link %s: %w", name, err)
+		return 0, fmt.Errorf("opening the pinned link %s: %w", name, err)
 	}
 	defer l.Close()
 	info, err := l.Info()
 	if err != nil {
-		return nil, fmt.Errorf("reading the pinned link %s: %w", name, err)
+		return 0, fmt.Errorf("reading the pinned link %s: %w", name, err)
 	}
-	return ebpf.NewProgramFromID(info.Program)
+	return info.Program, nil
 }
 
 // mapID is the id of the pinned map name.
@@ -200,8 +200,11 @@ func mapID(m *ebpf.Map) (ebpf.MapID, error) {
 // left it empty. Pins of anyone else stay.
 func (p pins) removeAll() error {
 	var errs []error
-	for _, name := range append([]string{pinLink, pinSockoptLink, pinGuardLink, pinFIONREADLink,
-		pinSpliceWatchLink, pinSendfileWatchLink, pinSockopsProg, pinRedirectProg, pinSockoptProg, pinMeta}, mapNames...) {
+	// The meta map goes last: a removal cut short must leave a directory
+	// that the next up or down still recognises as sockredir's.
+	names := []string{pinLink, pinSockoptLink, pinGuardLink, pinFIONREADLink,
+		pinSpliceWatchLink, pinSendfileWatchLink, pinSockopsProg, pinRedirectProg, pinSockoptProg}
+	for _, name := range append(append(names, mapNames...), pinMeta) {
 		if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

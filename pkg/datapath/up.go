@@ -240,45 +240,42 @@ func attachToCgroup(p pins, pinName, cgroup string, attach ebpf.AttachType, prog
 }
 
 // isRunning reports whether this build's programs are the ones at work:
-// the cgroup links run them and the pins name them (the kernel's tag hashes
-// the instructions). The links are asked, not only the pins, because an
-// upgrade that failed half-way may have left a link on the old program.
+// the pins name them (the kernel's tag hashes the instructions) and the
+// cgroup links run the pinned ones. The links are asked, not only the pins,
+// because an upgrade that failed half-way may have left a link on the old
+// program.
 func isRunning(p pins, objs *objects) (bool, error) {
-	sockops, sockopt := objs.sockops.SockredirSockops, objs.sockopt.SockredirSetsockopt
-	for _, c := range []struct {
-		pin  string
-		open func(string) (*ebpf.Program, error)
-		want *ebpf.Program
-	}{
-		{pinSockopsProg, p.loadProgram, sockops},
-		{pinRedirectProg, p.loadProgram, objs.redirect.SockredirRedirect},
-		{pinSockoptProg, p.loadProgram, sockopt},
-		{pinLink, p.linkedProgram, sockops},
-		{pinSockoptLink, p.linkedProgram, sockopt},
+	pinnedIDs := map[string]ebpf.ProgramID{}
+	for name, prog := range map[string]*ebpf.Program{
+		pinSockopsProg:  objs.sockops.SockredirSockops,
+		pinRedirectProg: objs.redirect.SockredirRedirect,
+		pinSockoptProg:  objs.sockopt.SockredirSetsockopt,
 	} {
-		prog, err := c.open(c.pin)
-		if err != nil || prog == nil {
+		pinned, err := p.loadProgram(name)
+		if err != nil || pinned == nil {
 			return false, err
 		}
-		same, err := sameTag(prog, c.want)
-		prog.Close()
-		if err != nil || !same {
+		pinnedInfo, err := pinned.Info()
+		pinned.Close()
+		if err != nil {
+			return false, err
+		}
+		info, err := prog.Info()
+		if err != nil {
+			return false, err
+		}
+		if pinnedInfo.Tag != info.Tag {
+			return false, nil
+		}
+		pinnedIDs[name], _ = pinnedInfo.ID()
+	}
+	for linkName, progName := range map[string]string{pinLink: pinSockopsProg, pinSockoptLink: pinSockoptProg} {
+		id, err := p.linkedProgramID(linkName)
+		if err != nil || id == 0 || id != pinnedIDs[progName] {
 			return false, err
 		}
 	}
 	return true, nil
-}
-
-func sameTag(a, b *ebpf.Program) (bool, error) {
-	aInfo, err := a.Info()
-	if err != nil {
-		return false, err
-	}
-	bInfo, err := b.Info()
-	if err != nil {
-		return false, err
-	}
-	return aInfo.Tag == bInfo.Tag, nil
 }
 
 // configure writes cfg's policy and switches redirecting on.
