@@ -230,7 +230,12 @@ func parseKernelConfig(r io.Reader) (map[string]string, error) {
 
 func checkRequirement(need datapath.KernelRequirement) Check {
 	c := Check{Name: need.What, Status: Pass, Detail: "supported"}
-	if err := need.Check(); err != nil {
+	switch err := need.Check(); {
+	case errors.Is(err, unix.EPERM):
+		// Probing takes the privileges that loading does.
+		c.Status, c.Detail = Unknown, "not probed: "+err.Error()
+		c.Remedy = datapath.ErrPrivileges.Error()
+	case err != nil:
 		c.Status, c.Detail, c.Remedy = Fail, err.Error(), "a kernel with "+need.What
 	}
 	return c

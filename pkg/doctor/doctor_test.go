@@ -1,8 +1,14 @@
 package doctor
 
 import (
+	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/sockredir/sockredir/pkg/datapath"
 )
 
 func TestParseRelease(t *testing.T) {
@@ -64,6 +70,24 @@ func TestReportText(t *testing.T) {
 	for _, want := range []string{"PASS  kernel version", "FAIL  BTF", "-> rebuild", "cannot work on this host"} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("no %q in:\n%s", want, b.String())
+		}
+	}
+}
+
+// A probe refused for want of privileges says so; it doesn't blame the kernel.
+func TestRequirementOutcomes(t *testing.T) {
+	for _, tc := range []struct {
+		err    error
+		status Status
+		remedy string
+	}{
+		{nil, Pass, ""},
+		{fmt.Errorf("detect support for SockHash: %w", unix.EPERM), Unknown, datapath.ErrPrivileges.Error()},
+		{fmt.Errorf("detect support for SockHash: %w", ebpf.ErrNotSupported), Fail, "a kernel with sockhash maps"},
+	} {
+		c := checkRequirement(datapath.KernelRequirement{What: "sockhash maps", Check: func() error { return tc.err }})
+		if c.Status != tc.status || c.Remedy != tc.remedy {
+			t.Errorf("probe error %v: %s, remedy %q; want %s, %q", tc.err, c.Status, c.Remedy, tc.status, tc.remedy)
 		}
 	}
 }
