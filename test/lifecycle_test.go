@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -104,6 +105,36 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 	}
 	if ids := e.AttachedSockOps(); len(ids) != 1 {
 		t.Errorf("sock_ops programs attached after the upgrade: %v, want one", ids)
+	}
+}
+
+// up with the same build attaches the guards afresh: a build that changed
+// only them gets them in place, and a guard link that went missing returns.
+func TestUpAgainRestoresGuards(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	guards, err := filepath.Glob(filepath.Join(e.PinDir, "link_*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	guards = slices.DeleteFunc(guards, func(pin string) bool {
+		return strings.HasSuffix(pin, "/link_sockops") || strings.HasSuffix(pin, "/link_setsockopt")
+	})
+	if len(guards) == 0 {
+		t.Fatal("up attached neither a splice guard nor a splice watch")
+	}
+	for _, pin := range guards {
+		if err := os.Remove(pin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if res := e.Up(datapath.Config{}); res != datapath.AlreadyUp {
+		t.Fatalf("second up: %s, want %s", res, datapath.AlreadyUp)
+	}
+	for _, pin := range guards {
+		if _, err := os.Stat(pin); err != nil {
+			t.Errorf("guard link %s not back after up: %v", filepath.Base(pin), err)
+		}
 	}
 }
 

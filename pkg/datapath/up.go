@@ -155,6 +155,12 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 		return "", err
 	}
 	if running {
+		// The guards aren't compared (which of them a kernel gets is
+		// decided by probing): attached afresh, a new build's take over
+		// without a gap.
+		if err := attachGuards(p, objs.maps(), cfg.Log); err != nil {
+			return "", err
+		}
 		// A `down` that was interrupted may have switched redirecting off.
 		if err := configure(objs, cfg); err != nil {
 			return "", err
