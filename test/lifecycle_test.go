@@ -84,14 +84,7 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
 	time.Sleep(300 * time.Millisecond)
 
-	other := otherProgram(t, ebpf.SockOps)
-	pin := filepath.Join(e.PinDir, "prog_sockops")
-	if err := os.Remove(pin); err != nil {
-		t.Fatal(err)
-	}
-	if err := other.Pin(pin); err != nil {
-		t.Fatal(err)
-	}
+	repin(t, e, "prog_sockops", otherProgram(t, ebpf.SockOps))
 	if res := e.Up(datapath.Config{}); res != datapath.Upgraded {
 		t.Fatalf("up over other programs: %s, want %s", res, datapath.Upgraded)
 	}
@@ -135,6 +128,18 @@ func TestUpAgainRestoresGuards(t *testing.T) {
 		if _, err := os.Stat(pin); err != nil {
 			t.Errorf("guard link %s not back after up: %v", filepath.Base(pin), err)
 		}
+	}
+}
+
+// repin pins prog as name in e's pin directory, in place of sockredir's.
+func repin(t *testing.T, e *harness.Env, name string, prog *ebpf.Program) {
+	t.Helper()
+	pin := filepath.Join(e.PinDir, name)
+	if err := os.Remove(pin); err != nil {
+		t.Fatal(err)
+	}
+	if err := prog.Pin(pin); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -194,14 +199,7 @@ func TestUpFinishesHalfDoneUpgrade(t *testing.T) {
 func TestDownAfterUpgradeKilledBeforePinning(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
-	other := otherProgram(t, ebpf.SkMsg)
-	pin := filepath.Join(e.PinDir, "prog_redirect")
-	if err := os.Remove(pin); err != nil {
-		t.Fatal(err)
-	}
-	if err := other.Pin(pin); err != nil {
-		t.Fatal(err)
-	}
+	repin(t, e, "prog_redirect", otherProgram(t, ebpf.SkMsg))
 	if wasUp, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil || !wasUp {
 		t.Fatalf("down with a stale sk_msg pin: %v (was up: %v)", err, wasUp)
 	}

@@ -122,7 +122,7 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 		return nil, err
 	}
 	if meta == nil || !p.has(pinLink) {
-		return nil, fmt.Errorf("%w in %s", ErrNotUp, pinDir)
+		return nil, notUp(pinDir)
 	}
 	if err := meta.checkABI(pinDir); err != nil {
 		return nil, err
@@ -207,7 +207,7 @@ func (m *Maintainer) followPins() (reopened bool, err error) {
 	id, err := p.mapID("sock_hash")
 	if errors.Is(err, os.ErrNotExist) {
 		m.Close()
-		return false, fmt.Errorf("%w in %s", ErrNotUp, m.pinDir)
+		return false, notUp(m.pinDir)
 	}
 	if err != nil || id == m.sockHashID {
 		return false, err

@@ -48,6 +48,16 @@ type KernelRequirement struct {
 	Check func() error
 }
 
+// Probe runs Check. A probe that the kernel did not permit (EPERM) says
+// nothing about the kernel: that is reported as ErrPrivileges.
+func (need KernelRequirement) Probe() error {
+	err := need.Check()
+	if errors.Is(err, unix.EPERM) {
+		return fmt.Errorf("%w (the kernel did not permit probing %s: %w)", ErrPrivileges, need.What, err)
+	}
+	return err
+}
+
 // KernelRequirements are what every command that loads the datapath checks
 // first; `sockredir doctor` reports on each.
 var KernelRequirements = []KernelRequirement{
@@ -60,10 +70,9 @@ var KernelRequirements = []KernelRequirement{
 // checkKernel reports a kernel that lacks what the datapath is built on.
 func checkKernel() error {
 	for _, need := range KernelRequirements {
-		switch err := need.Check(); {
-		case errors.Is(err, unix.EPERM):
-			return fmt.Errorf("the kernel did not permit %s, which sockredir needs (a security module, or missing capabilities): %w",
-				need.What, err)
+		switch err := need.Probe(); {
+		case errors.Is(err, ErrPrivileges):
+			return err
 		case err != nil:
 			return fmt.Errorf("this kernel has no %s, which sockredir needs: %w", need.What, err)
 		}

@@ -154,29 +154,23 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if err != nil {
 		return "", err
 	}
-	if running {
-		// The guards aren't compared (which of them a kernel gets is
-		// decided by probing): attached afresh, a new build's take over
-		// without a gap.
-		if err := attachGuards(p, objs.maps(), cfg.Log); err != nil {
-			return "", err
-		}
-		// A `down` that was interrupted may have switched redirecting off.
-		if err := configure(objs, cfg); err != nil {
-			return "", err
-		}
-		cfg.Log.Info("already up", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
-		return AlreadyUp, syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup)
-	}
-
 	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); err != nil {
 		return "", err
 	}
+	// Also when already up: the guards aren't compared (which of them a
+	// kernel gets is decided by probing), and attached afresh a new
+	// build's take over without a gap.
 	if err := attachGuards(p, objs.maps(), cfg.Log); err != nil {
 		return "", err
 	}
+	// Also when already up: a `down` that was interrupted may have switched
+	// redirecting off.
 	if err := configure(objs, cfg); err != nil {
 		return "", err
+	}
+	if running {
+		cfg.Log.Info("already up", zap.String("cgroup", cfg.Cgroup), zap.String("pin_dir", cfg.PinDir))
+		return AlreadyUp, nil
 	}
 	// Sockets already in the map keep the program they were added with;
 	// new ones get this one.

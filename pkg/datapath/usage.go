@@ -26,6 +26,8 @@ type Usage struct {
 // ErrNotUp says that nothing is pinned in the pin directory.
 var ErrNotUp = errors.New("sockredir is not up")
 
+func notUp(pinDir string) error { return fmt.Errorf("%w in %s", ErrNotUp, pinDir) }
+
 // ReadUsage reads the datapath pinned in pinDir (DefaultPinDir if empty),
 // or returns ErrNotUp.
 func ReadUsage(pinDir string) (Usage, error) {
@@ -38,7 +40,7 @@ func ReadUsage(pinDir string) (Usage, error) {
 		return Usage{}, err
 	}
 	if meta == nil {
-		return Usage{}, fmt.Errorf("%w in %s", ErrNotUp, pinDir)
+		return Usage{}, notUp(pinDir)
 	}
 	if err := meta.checkABI(pinDir); err != nil {
 		return Usage{}, err

@@ -230,10 +230,9 @@ func parseKernelConfig(r io.Reader) (map[string]string, error) {
 
 func checkRequirement(need datapath.KernelRequirement) Check {
 	c := Check{Name: need.What, Status: Pass, Detail: "supported"}
-	switch err := need.Check(); {
-	case errors.Is(err, unix.EPERM):
-		// Probing takes the privileges that loading does.
-		c.Status, c.Detail = Unknown, "not probed: "+err.Error()
+	switch err := need.Probe(); {
+	case errors.Is(err, datapath.ErrPrivileges):
+		c.Status, c.Detail = Unknown, "not probed: the kernel did not permit it"
 		c.Remedy = datapath.ErrPrivileges.Error()
 	case err != nil:
 		c.Status, c.Detail, c.Remedy = Fail, err.Error(), "a kernel with "+need.What
