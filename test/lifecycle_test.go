@@ -106,16 +106,7 @@ func TestUpgradeWhileStreaming(t *testing.T) {
 func TestUpAgainRestoresGuards(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})
-	guards, err := filepath.Glob(filepath.Join(e.PinDir, "link_*"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	guards = slices.DeleteFunc(guards, func(pin string) bool {
-		return strings.HasSuffix(pin, "/link_sockops") || strings.HasSuffix(pin, "/link_setsockopt")
-	})
-	if len(guards) == 0 {
-		t.Fatal("up attached neither a splice guard nor a splice watch")
-	}
+	guards := guardPins(t, e)
 	for _, pin := range guards {
 		if err := os.Remove(pin); err != nil {
 			t.Fatal(err)
@@ -128,6 +119,102 @@ func TestUpAgainRestoresGuards(t *testing.T) {
 		if _, err := os.Stat(pin); err != nil {
 			t.Errorf("guard link %s not back after up: %v", filepath.Base(pin), err)
 		}
+	}
+}
+
+// guardPins are the pins of the guards' links (the splice guard and the
+// FIONREAD guard, or the splice watch) in e's pin directory.
+func guardPins(t *testing.T, e *harness.Env) []string {
+	t.Helper()
+	pins, err := filepath.Glob(filepath.Join(e.PinDir, "link_*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pins = slices.DeleteFunc(pins, func(pin string) bool {
+		return strings.HasSuffix(pin, "/link_sockops") || strings.HasSuffix(pin, "/link_setsockopt")
+	})
+	if len(pins) == 0 {
+		t.Fatal("up attached neither a splice guard nor a splice watch")
+	}
+	return pins
+}
+
+// pinnedLinkID is the id of the link pinned at pin.
+func pinnedLinkID(t *testing.T, pin string) link.ID {
+	t.Helper()
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.ID
+}
+
+// stageLink pins the link with id beside pin, as an up killed while it
+// replaced a guard leaves it.
+func stageLink(t *testing.T, pin string, id link.ID) {
+	t.Helper()
+	l, err := link.NewFromID(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin + "_staged"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// linkLingers reports whether the link with id still exists after a
+// second: bpffs lets go of an unpinned object only after an RCU grace
+// period.
+func linkLingers(id link.ID) bool {
+	for deadline := time.Now().Add(time.Second); ; time.Sleep(10 * time.Millisecond) {
+		l, err := link.NewFromID(id)
+		if err != nil {
+			return false
+		}
+		l.Close()
+		if time.Now().After(deadline) {
+			return true
+		}
+	}
+}
+
+// up replaces each guard's link with a new one and detaches the old one;
+// what an up killed half-way through that leaves behind, the next up and
+// down clear away.
+func TestUpAgainReplacesGuards(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	old := map[string]link.ID{}
+	for _, pin := range guardPins(t, e) {
+		old[pin] = pinnedLinkID(t, pin)
+		stageLink(t, pin, old[pin])
+	}
+	if res := e.Up(datapath.Config{}); res != datapath.AlreadyUp {
+		t.Fatalf("second up: %s, want %s", res, datapath.AlreadyUp)
+	}
+	for pin, id := range old {
+		if now := pinnedLinkID(t, pin); now == id {
+			t.Errorf("%s still holds link %d after up", filepath.Base(pin), id)
+		}
+		if linkLingers(id) {
+			t.Errorf("the replaced link %d of %s is still attached", id, filepath.Base(pin))
+		}
+		if _, err := os.Stat(pin + "_staged"); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s_staged left after up: %v", filepath.Base(pin), err)
+		}
+		stageLink(t, pin, pinnedLinkID(t, pin))
+	}
+	if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory left after down, with a staged guard link in it: %v", err)
 	}
 }
 
@@ -158,9 +245,10 @@ func otherProgram(t *testing.T, typ ebpf.ProgramType) *ebpf.Program {
 	return prog
 }
 
-// An upgrade that failed between pinning and swapping leaves the cgroup
-// link on another program than the pins name: the next up must finish the
-// swap, not answer "already up".
+// A cgroup link on another program than the pins name (left by a build
+// that pinned the programs before it swapped them, and whose swap failed, or
+// by anyone's hand) must not pass for "already up": the next up finishes the
+// swap.
 func TestUpFinishesHalfDoneUpgrade(t *testing.T) {
 	e := harness.New(t)
 	e.Up(datapath.Config{})

@@ -218,8 +218,8 @@ func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 	return datapath.SetLocalAddrs(d.pinDir, addrs)
 }
 
-// reload reads the configuration again and runs Up with it, which changes
-// nothing when nothing changed, puts a changed policy in place, brings the
+// reload reads the configuration again and runs Up with it, which keeps the
+// programs when they are this build's, puts a changed policy in place, brings the
 // datapath back if someone took it down, and upgrades it in place after a
 // new build was installed. Then the local addresses are listed afresh. A
 // failed reload leaves what runs as it was.

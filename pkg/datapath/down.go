@@ -95,12 +95,9 @@ func Down(opts DownOptions) (bool, error) {
 // unpinLink detaches a program from the cgroup: the pin was the link's last
 // reference.
 func unpinLink(p pins, name string) error {
-	if !p.has(name) {
-		return nil
-	}
-	l, err := link.LoadPinnedLink(p.path(name), nil)
-	if err != nil {
-		return fmt.Errorf("opening the pinned link %s: %w", name, err)
+	l, err := p.loadLink(name)
+	if err != nil || l == nil {
+		return err
 	}
 	defer l.Close()
 	if err := l.Unpin(); err != nil {

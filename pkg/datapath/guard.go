@@ -120,12 +120,21 @@ func attachLSM(p pins, name string, prog *ebpf.Program) error {
 	return pinReplacing(p, name, l)
 }
 
-// pinReplacing pins l as name and closes it; an older link there goes only
-// once the new one is in place.
+// pinReplacing pins l as name and closes it. The new link is pinned beside
+// an older one and then renamed over it, which detaches the older one: a
+// guard is attached throughout, and a pin that fails leaves the older one
+// at work.
 func pinReplacing(p pins, name string, l link.Link) error {
 	defer l.Close()
-	if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	staged := p.path(name + stagedSuffix)
+	if err := os.Remove(staged); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return l.Pin(p.path(name))
+	if err := l.Pin(staged); err != nil {
+		return err
+	}
+	if err := os.Rename(staged, p.path(name)); err != nil {
+		return errors.Join(err, l.Unpin())
+	}
+	return nil
 }

@@ -28,7 +28,14 @@ const (
 	pinRedirectProg      = "prog_redirect"
 	pinSockoptProg       = "prog_setsockopt"
 	pinMeta              = "meta"
+	// A guard's new link, pinned under its name with this suffix until it
+	// replaces the old one (pinReplacing).
+	stagedSuffix = "_staged" // bpffs refuses names with dots
 )
+
+// guardLinks are the pins of the guards' links, which `up` replaces at every
+// run.
+var guardLinks = []string{pinGuardLink, pinFIONREADLink, pinSpliceWatchLink, pinSendfileWatchLink}
 
 // mapNames are the maps that outlive the loader, pinned under their own names.
 var mapNames = []string{"sock_hash", "sock_states", "local_addrs", "counters", "settings", "pending",
@@ -156,15 +163,24 @@ func (p pins) loadProgram(name string) (*ebpf.Program, error) {
 	return ebpf.LoadPinnedProgram(p.path(name), nil)
 }
 
-// linkedProgramID is the id of the program that the pinned link name runs,
-// or 0 when there is no such link.
-func (p pins) linkedProgramID(name string) (ebpf.ProgramID, error) {
+// loadLink opens a pinned link, or returns nil when there is none.
+func (p pins) loadLink(name string) (link.Link, error) {
 	if !p.has(name) {
-		return 0, nil
+		return nil, nil
 	}
 	l, err := link.LoadPinnedLink(p.path(name), nil)
 	if err != nil {
-		return 0, fmt.Errorf("opening the pinned link %s: %w", name, err)
+		return nil, fmt.Errorf("opening the pinned link %s: %w", name, err)
+	}
+	return l, nil
+}
+
+// linkedProgramID is the id of the program that the pinned link name runs,
+// or 0 when there is no such link.
+func (p pins) linkedProgramID(name string) (ebpf.ProgramID, error) {
+	l, err := p.loadLink(name)
+	if err != nil || l == nil {
+		return 0, err
 	}
 	defer l.Close()
 	info, err := l.Info()
@@ -202,8 +218,12 @@ func (p pins) removeAll() error {
 	var errs []error
 	// The meta map goes last: a removal cut short must leave a directory
 	// that the next up or down still recognises as sockredir's.
-	names := []string{pinLink, pinSockoptLink, pinGuardLink, pinFIONREADLink,
-		pinSpliceWatchLink, pinSendfileWatchLink, pinSockopsProg, pinRedirectProg, pinSockoptProg}
+	names := []string{pinLink, pinSockoptLink, pinSockopsProg, pinRedirectProg, pinSockoptProg}
+	for _, guard := range guardLinks {
+		// A staged link is left where an up was killed before it
+		// replaced the old one.
+		names = append(names, guard, guard+stagedSuffix)
+	}
 	for _, name := range append(append(names, mapNames...), pinMeta) {
 		if err := os.Remove(p.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)

@@ -64,8 +64,9 @@ const (
 )
 
 // Up attaches the datapath to the cgroup and pins it. When it is already up
-// with the same programs, it changes nothing; with other programs (a new
-// build), it swaps them in place, keeping the maps and so every running
+// with the same programs, it keeps them and only writes the policy and
+// settings, the local addresses and the guards afresh; with other programs (a
+// new build), it swaps them in place, keeping the maps and so every running
 // connection. On error, whatever this call created is removed again.
 func Up(cfg Config) (UpResult, error) {
 	cfg, err := cfg.withDefaults()
@@ -217,13 +218,13 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 // pinned as pinName or, when that link exists, swaps its program in place (an
 // upgrade, which it reports).
 func attachToCgroup(p pins, pinName, cgroup string, attach ebpf.AttachType, prog *ebpf.Program, kind string) (upgraded bool, err error) {
-	if p.has(pinName) {
-		l, err := link.LoadPinnedLink(p.path(pinName), nil)
-		if err != nil {
-			return false, fmt.Errorf("opening the pinned %s link: %w", kind, err)
-		}
-		defer l.Close()
-		if err := l.Update(prog); err != nil {
+	pinned, err := p.loadLink(pinName)
+	if err != nil {
+		return false, err
+	}
+	if pinned != nil {
+		defer pinned.Close()
+		if err := pinned.Update(prog); err != nil {
 			return false, fmt.Errorf("replacing the %s program: %w", kind, err)
 		}
 		return true, nil
