@@ -67,12 +67,16 @@ var KernelRequirements = []KernelRequirement{
 	{"socket-local storage (CONFIG_BPF_SYSCALL)", func() error { return features.HaveMapType(ebpf.SkStorage) }},
 }
 
-// checkKernel reports a kernel that lacks what the datapath is built on.
+// checkKernel reports a kernel that lacks what the datapath is built on. It
+// runs once CheckPrivileges has passed, so a probe refused with EPERM means
+// that something other than capabilities forbids bpf(2).
 func checkKernel() error {
 	for _, need := range KernelRequirements {
-		switch err := need.Probe(); {
-		case errors.Is(err, ErrPrivileges):
-			return err
+		switch err := need.Check(); {
+		case errors.Is(err, unix.EPERM):
+			return fmt.Errorf("the kernel refused to let sockredir probe %s although this process has the capabilities it needs (%w): "+
+				"a seccomp profile (a container runtime's default one blocks bpf(2)), a user namespace whose capabilities "+
+				"don't count for the host, or lockdown may forbid BPF; run it privileged, in the host's namespaces", need.What, err)
 		case err != nil:
 			return fmt.Errorf("this kernel has no %s, which sockredir needs: %w", need.What, err)
 		}

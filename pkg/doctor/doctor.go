@@ -428,7 +428,7 @@ func checkNamespaces(cgroup string) Check {
 	addrs, err := localaddr.OfCgroup(cgroup)
 	if err != nil {
 		c.Status, c.Detail = Fail, err.Error()
-		c.Remedy = "run as root, with CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_SYS_PTRACE, in the host's PID namespace"
+		c.Remedy = "run as root, with CAP_SYS_ADMIN and CAP_SYS_PTRACE (to enter the cgroup's network namespaces), in the host's PID namespace"
 		return c
 	}
 	c.Status, c.Detail = Pass, fmt.Sprintf("%d addresses count as local (this network namespace and those of the cgroup's processes)", len(addrs))
