@@ -266,7 +266,7 @@ func TestAppHAProxySidecar(t *testing.T) {
 				if m == everyConnection && option != "" && !e.Status().SpliceGuard {
 					// As with the splice-relay case: the first fetch may
 					// fail (loudly), the next one must not.
-					defer runMaintainer(t, e, 0)()
+					defer runMaintainer(t, e, 0, false)()
 					first := tryFetch(e, url, sum)
 					fetch(t, e, url, sum)
 					if first != nil {

@@ -212,7 +212,7 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 // stays on TCP. Both whole.
 func TestProbationClearsAPortWhileItsConnectionLasts(t *testing.T) {
 	e := upWithProbation(t)
-	defer runMaintainer(t, e, 0)()
+	defer runMaintainer(t, e, 0, false)()
 	// What operators see meanwhile: the first connection's two sockets on
 	// probation (sockredir_probation_sockets).
 	watching := make(chan struct{})

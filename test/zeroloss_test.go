@@ -133,7 +133,7 @@ func TestZeroLoss(t *testing.T) {
 				if accelerated {
 					e.Up(datapath.Config{})
 					if upkeptCases[c.name] {
-						defer runMaintainer(t, e, 0)()
+						defer runMaintainer(t, e, 0, false)()
 					}
 				}
 				var r harness.CaseResult

@@ -131,6 +131,11 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(maps) != len(mapNames) {
+		// A down is removing the pins (or someone did by hand).
+		closeMaps(maps)
+		return nil, notUp(pinDir)
+	}
 	sockHashID, err := mapID(maps["sock_hash"])
 	if err != nil {
 		closeMaps(maps)
