@@ -38,13 +38,17 @@ static __always_inline void decline(struct sock_state *st)
 	count(COUNTER_PAIRS_DECLINED, 1);
 }
 
-/* Whether the connection is to go back to TCP: the peer refused redirected
- * bytes (see refuse). A socket that splices (the splice watch) is the
- * exception: bytes sent over TCP now would reach it ahead of those waiting in
- * its psock queue, a hole in its stream, so its peer goes on redirecting (see
- * splicewatch.c). When it is this socket that splices, its server port is
- * marked here, where its state is at hand. Looks only when some socket
- * refused since this one last looked. */
+/* Whether the connection is to go back to TCP: either socket refused
+ * redirected bytes (see refuse). A socket that splices (the splice watch) is
+ * the exception once bytes have been redirected to it: bytes sent over TCP
+ * now would reach it ahead of those waiting in its psock queue, a hole in
+ * its stream, so its peer goes on redirecting (see splicewatch.c). A peer
+ * that hasn't sent yet has nothing waiting there, and sends over TCP, which
+ * splice reads. When it is this socket that splices, its server port is
+ * marked here, where its state is at hand. This socket's own refusal set its
+ * mode already (refuse), but a first message decided on another CPU at the
+ * same moment may have overwritten it. Looks only when some socket refused
+ * since this one last looked. */
 static __always_inline int connection_refused(struct sock_state *st)
 {
 	__u32 *gen = get_refusal_gen(), *why;
@@ -55,11 +59,14 @@ static __always_inline int connection_refused(struct sock_state *st)
 	st->seen_refusals = *gen;
 	why = bpf_map_lookup_elem(&refusals, &st->peer);
 	if (why)
-		return *why != REFUSED_SPLICE;
+		return *why != REFUSED_SPLICE || st->mode == MODE_UNDECIDED;
 	mirror_key(&st->peer, &own);
 	why = bpf_map_lookup_elem(&refusals, &own);
-	if (why && *why == REFUSED_SPLICE)
-		mark_server_port(st, &own, REFUSED_SPLICE);
+	if (!why)
+		return 0;
+	if (*why != REFUSED_SPLICE)
+		return 1;
+	mark_server_port(st, &own, REFUSED_SPLICE);
 	return 0;
 }
 

@@ -121,6 +121,37 @@ func checkIntactNoErrors(r *harness.CaseResult) []string {
 	return problems
 }
 
+// A reader that begins to splice(2) before its peer's first message (a
+// relay waiting for its upstream's answer) gets the whole answer, on every
+// kernel: the splice guard makes splice fail and the reader fall back to
+// read(2); where it can't load, the splice watch sees the splice begin, and
+// the peer, which has sent nothing yet, sends over TCP, which splice reads.
+func TestSpliceBeforeFirstReply(t *testing.T) {
+	for _, accelerated := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "sockredir"}[accelerated], func(t *testing.T) {
+			e := harness.New(t)
+			if accelerated {
+				e.Up(datapath.Config{})
+			}
+			var r harness.CaseResult
+			e.Run(harness.Scenario{Case: &harness.Case{Name: "splice-before-reply", Bytes: 8 << 20}}, &r)
+			for _, p := range checkIntactNoErrors(&r) {
+				t.Error(p)
+			}
+			if !accelerated {
+				return
+			}
+			st := e.Status()
+			if !st.SpliceGuard && (st.Counters.BytesRedirected != 0 || st.Counters.PairsDeclined != 1) {
+				t.Errorf("without the splice guard, want the answer declined to TCP and nothing redirected; counters %+v", st.Counters)
+			}
+			if st.SpliceGuard && r.Values["read fallback"] != 1 {
+				t.Errorf("with the splice guard, want the reader to fall back to read(2); it did %d times", r.Values["read fallback"])
+			}
+		})
+	}
+}
+
 // upkeptCases run accelerated with the daemon's upkeep (datapath.Maintainer),
 // which users need for them.
 var upkeptCases = map[string]bool{"splice-relay": true}

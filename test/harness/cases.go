@@ -71,6 +71,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"blocking-client-sends":      blockingClientSends,
 	"splice-relay":               spliceRelay,
 	"splice-reader":              spliceReader,
+	"splice-before-reply":        withPair(spliceBeforeReply),
 	"lasting-connection":         lastingConnection,
 	"sendfile":                   withPair(sendfileSender),
 	"peek":                       withPair(peek),
@@ -495,6 +496,32 @@ func spliceReader(c Case) (*CaseResult, error) {
 		res.Received["server"+suffix] = Checked{got, seed, c.Bytes}
 		res.Values["read fallback"+suffix] = int64(fellBack)
 	}
+	return res, nil
+}
+
+// spliceBeforeReply is a client that reads its answer with splice(2), as a
+// relay forwarding its upstream's answer does, and begins to splice before
+// the server has sent anything: the server waits 200 ms after the
+// connection is made, then sends c.Bytes and closes. Values counts the
+// reads that fell back to read(2).
+func spliceBeforeReply(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	const seed = 62
+	res := newResult()
+	written := make(chan error, 1)
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		written <- writeStream(server, c.Bytes, seed, 0)
+		server.Close()
+	}()
+	got, fellBack, err := spliceAll(client)
+	if err != nil {
+		res.Errors["client"] = err.Error()
+	}
+	if err := <-written; err != nil {
+		res.Errors["server"] = err.Error()
+	}
+	res.Received["client"] = Checked{got, seed, c.Bytes}
+	res.Values["read fallback"] = int64(fellBack)
 	return res, nil
 }
 
