@@ -343,10 +343,13 @@ static __always_inline void server_port(const struct sock_key *k, int passive, s
 }
 
 /* Keeps a server port's next connections on TCP from the start, and says
- * why (refusal). */
+ * why (refusal). The port is no longer cleared: should the mark fall out of
+ * the LRU map, the port goes through probation again instead of being
+ * accelerated at once. */
 static __always_inline void refuse_port(const struct port_key *port, __u32 why)
 {
 	bpf_map_update_elem(&refusing_ports, port, &why, BPF_ANY);
+	bpf_map_delete_elem(&cleared_ports, port);
 }
 
 /* Marks the server port of a refusing socket's connection, so that the

@@ -196,6 +196,11 @@ func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 	}) {
 		t.Errorf("ports kept on TCP: %+v, want 127.0.0.1:7305 for splice", st.RefusingPorts)
 	}
+	// Were the mark to fall out of its LRU map, the port must go through
+	// probation again, not be accelerated at once.
+	if slices.ContainsFunc(st.ClearedPorts, func(p datapath.ServerPort) bool { return p.String() == "127.0.0.1:7305" }) {
+		t.Errorf("cleared ports: %+v, want 127.0.0.1:7305 no longer cleared once marked", st.ClearedPorts)
+	}
 	if c := st.Counters; c.BytesRedirected > 1<<20 {
 		t.Errorf("counters %+v: want only the first spliced connection redirected", c)
 	}
