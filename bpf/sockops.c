@@ -349,10 +349,14 @@ static __always_inline void note_handshake(struct bpf_sock_ops *skops)
  * whenever it wakes without data (the ACK of its own FIN after a half-close,
  * a signal): tcp_bpf_recvmsg waits only once, on every kernel. So a client
  * that connected with a blocking socket is left on plain TCP unless the
- * policy accepts that risk. (A connecting socket always has its file.) */
+ * policy accepts that risk. A connecting socket without a file is the
+ * kernel's own (an in-kernel client: its sockets are in the root cgroup),
+ * which reads with kernel_recvmsg: counted as blocking. */
 static __always_inline int is_blocking(struct tcp_sock *tp)
 {
-	return !(file_flags((struct sock *)tp) & O_NONBLOCK);
+	long flags = file_flags((struct sock *)tp);
+
+	return flags < 0 || !(flags & O_NONBLOCK);
 }
 
 /* The socket of an ESTABLISHED callback as a tcp_sock, for the reads of
