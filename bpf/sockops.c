@@ -382,6 +382,12 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 	mirror_key(&k, &server);
 	if (!take_pending(&server, PENDING_SYN))
 		return;
+	/* Data in the SYN (TCP Fast Open) that the server didn't take: it
+	 * goes again, and the server's key, made from the sequence number
+	 * after the SYN, never matches this one. Left out, this socket can't
+	 * be left in the map alone. */
+	if (skops->snd_una != skops->snd_nxt)
+		return;
 	if (!policy_allows(s, &k)) {
 		count(COUNTER_POLICY_SKIPPED, 1);
 		return;

@@ -152,6 +152,42 @@ func TestSpliceBeforeFirstReply(t *testing.T) {
 	}
 }
 
+// A client that sends its request in its SYN (TCP Fast Open) is paired
+// only with the server socket that the same handshake made, or stays out
+// with it: never alone in the map, where tcp_bpf would answer FIONREAD for
+// its TCP bytes (0 on some kernels). With the request taken from the SYN,
+// the server's socket exists before the client's handshake ends; with the
+// request ignored and sent again, the two ends' sequence numbers differ.
+func TestFastOpen(t *testing.T) {
+	for _, name := range []string{"fast-open-taken", "fast-open-ignored"} {
+		for _, accelerated := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/%s", name, map[bool]string{false: "plain", true: "sockredir"}[accelerated]), func(t *testing.T) {
+				e := harness.New(t)
+				if accelerated {
+					e.Up(datapath.Config{})
+				}
+				var r harness.CaseResult
+				e.Run(harness.Scenario{Case: &harness.Case{Name: name, Bytes: 1000}}, &r)
+				for _, p := range checkIntactNoErrors(&r) {
+					t.Error(p)
+				}
+				if r.Values["fionread"] != 1000 {
+					t.Errorf("FIONREAD at the client says %d bytes are waiting, want 1000", r.Values["fionread"])
+				}
+				if taken := r.Values["syn_data_acked"] == 1; taken != (name == "fast-open-taken") {
+					t.Errorf("the server took the request from the SYN: %v; the case is not what it says", taken)
+				}
+				if !accelerated {
+					return
+				}
+				if c := e.Status().Counters; c.SocketsAdded%2 != 0 {
+					t.Errorf("counters %+v: a socket entered the map without its peer", c)
+				}
+			})
+		}
+	}
+}
+
 // upkeptCases run accelerated with the daemon's upkeep (datapath.Maintainer),
 // which users need for them.
 var upkeptCases = map[string]bool{"splice-relay": true}

@@ -1,6 +1,8 @@
 package harness
 
 import (
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -85,6 +87,8 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"reply-then-fionread":        withPair(replyThenFIONREAD),
 	"blocking-server-twice":      blockingServerTwice,
 	"connect-time":               connectTime,
+	"fast-open-taken":            fastOpen(true),
+	"fast-open-ignored":          fastOpen(false),
 	"tcp-tuning":                 tcpTuning,
 }
 
@@ -497,6 +501,116 @@ func spliceReader(c Case) (*CaseResult, error) {
 		res.Values["read fallback"+suffix] = int64(fellBack)
 	}
 	return res, nil
+}
+
+// fastOpen is a client that puts its request in its SYN (TCP Fast Open,
+// without a cookie, set for this network namespace) to a server that takes
+// it (serverTakes) or ignores it, so that the client sends it again once
+// connected. The server reads the 1000-byte request and answers c.Bytes;
+// the client asks FIONREAD once the answer has arrived, then reads it.
+func fastOpen(serverTakes bool) func(Case) (*CaseResult, error) {
+	return func(c Case) (*CaseResult, error) {
+		const seed = 70
+		// Client on, with data without a cookie; the server's two bits
+		// likewise.
+		mode := "5"
+		if serverTakes {
+			mode = "519"
+		}
+		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_fastopen", []byte(mode), 0); err != nil {
+			return nil, err
+		}
+		lc := net.ListenConfig{Control: func(_, _ string, raw syscall.RawConn) error {
+			var serr error
+			err := raw.Control(func(fd uintptr) {
+				if serverTakes {
+					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_FASTOPEN, 16)
+				}
+			})
+			return errors.Join(err, serr)
+		}}
+		ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		client, err := dialFastOpen(ln.Addr().(*net.TCPAddr), bytes.Repeat([]byte{'q'}, 1000))
+		if err != nil {
+			return nil, err
+		}
+		defer client.Close()
+		accepted, err := ln.Accept()
+		if err != nil {
+			return nil, err
+		}
+		server := accepted.(*net.TCPConn)
+		defer server.Close()
+
+		res := newResult()
+		request := make([]byte, 1000)
+		if _, err := io.ReadFull(server, request); err != nil || !bytes.Equal(request, bytes.Repeat([]byte{'q'}, 1000)) {
+			res.Errors["server"] = fmt.Sprintf("request %q..., error %v", request[:8], err)
+			return res, nil
+		}
+		if err := writeStream(server, c.Bytes, seed, 0); err != nil {
+			res.Errors["server"] = err.Error()
+		}
+		if err := waitReadable(client, 2*time.Second); err != nil {
+			return nil, err
+		}
+		time.Sleep(50 * time.Millisecond) // all of it arrived, on any path
+		if res.Values["fionread"], err = fionreadOf(client); err != nil {
+			res.Errors["client"] = err.Error()
+		}
+		var info *unix.TCPInfo
+		if err := control(client, func(fd int) { info, err = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+			return nil, err
+		}
+		if err != nil {
+			return nil, err
+		}
+		res.Values["syn_data_acked"] = boolValue(info.Options&tcpiOptSynData != 0)
+		got, err := readAll(client, seed, 0)
+		if err != nil {
+			res.Errors["client"] = err.Error()
+		}
+		res.Received["client"] = Checked{got, seed, c.Bytes}
+		return res, nil
+	}
+}
+
+// tcpiOptSynData is TCPI_OPT_SYN_DATA (linux/tcp.h): the peer acked data
+// sent in the SYN.
+const tcpiOptSynData = 32
+
+// dialFastOpen connects a non-blocking socket to addr with
+// TCP_FASTOPEN_CONNECT, so that its first write, request, goes out in the
+// SYN.
+func dialFastOpen(addr *net.TCPAddr, request []byte) (*net.TCPConn, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "fast-open")
+	defer f.Close()
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_FASTOPEN_CONNECT, 1); err != nil {
+		return nil, err
+	}
+	sa := &unix.SockaddrInet4{Port: addr.Port}
+	copy(sa.Addr[:], addr.IP.To4())
+	if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	conn, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	client := conn.(*net.TCPConn)
+	if _, err := client.Write(request); err != nil {
+		client.Close()
+		return nil, err
+	}
+	return client, nil
 }
 
 // spliceBeforeReply is a client that reads its answer with splice(2), as a
