@@ -68,7 +68,8 @@ static __always_inline void look_at_probation(struct sock_state *st, struct tcp_
 	if (!s || !(st->flags & SOCK_PASSIVE))
 		return;
 	note_file_mode(st, tp, s);
-	if ((__u32)(probation_clock() - st->probation_ms) >= PROBATION_MIN_MS)
+	if ((__u32)(probation_clock() - st->probation_ms) >= PROBATION_MIN_MS &&
+	    still_watched(st, BPF_CORE_READ((struct sock_common *)tp, skc_cookie.counter)))
 		clear_server_port(st, tp);
 }
 

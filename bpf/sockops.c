@@ -494,9 +494,10 @@ static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct s
 	if (CTX(skops->args[1]) != BPF_TCP_CLOSE)
 		return;
 	cookie = bpf_get_socket_cookie(skops);
-	bpf_map_delete_elem(&probation_sockets, &cookie);
 	st->flags &= ~SOCK_PROBATION;
-	clear_server_port(st, tp);
+	if (still_watched(st, cookie))
+		clear_server_port(st, tp);
+	bpf_map_delete_elem(&probation_sockets, &cookie);
 }
 
 SEC("sockops")

@@ -72,6 +72,9 @@ enum refusal {
 	REFUSED_BACKLOG = 3,  /* its application fell behind (see inspect.c) */
 	REFUSED_BLOCKING = 4, /* its file is blocking (see inspect.c) */
 	REFUSED_SPLICE = 5,   /* it began to splice(2) from itself (see splicewatch.c) */
+	/* Its probation socket fell out of probation_sockets (an LRU map),
+	 * where the splice watch looks for it: a splice may have gone unseen. */
+	REFUSED_UNWATCHED = 6,
 };
 
 /* Indexes into the counters map; pkg/datapath names them. */
@@ -395,6 +398,22 @@ static __always_inline void clear_server_port(struct sock_state *st, struct tcp_
 		return;
 	bpf_map_update_elem(&cleared_ports, &port, &cleared, BPF_ANY);
 	count(COUNTER_PORTS_CLEARED, 1);
+}
+
+/* Whether the probation socket with cookie is still where the splice watch
+ * looks for it. If it fell out, a splice of it may have gone unseen, and its
+ * server port is kept on TCP instead of being cleared. */
+static __always_inline int still_watched(struct sock_state *st, __u64 cookie)
+{
+	struct sock_key own;
+	struct port_key port;
+
+	if (bpf_map_lookup_elem(&probation_sockets, &cookie))
+		return 1;
+	mirror_key(&st->peer, &own);
+	server_port(&own, st->flags & SOCK_PASSIVE, &port);
+	refuse_port(&port, REFUSED_UNWATCHED);
+	return 0;
 }
 
 /* Puts the connection of the socket with state st back on TCP, both ways:

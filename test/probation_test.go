@@ -1,9 +1,12 @@
 package test
 
 import (
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/test/harness"
@@ -252,5 +255,52 @@ func TestProbationClearsAPortWhileItsConnectionLasts(t *testing.T) {
 	}
 	if c := e.Status().Counters; c.BytesRedirected != 2<<20 || c.ProbationConnections != 1 || c.PortsCleared != 1 {
 		t.Errorf("counters %+v, want the next connection's streams redirected and only the first on probation", c)
+	}
+}
+
+// The splice watch finds probation sockets in an LRU map; one that fell out
+// of it could splice unseen. Its port then stays on TCP instead of being
+// cleared. (The test empties the map while the first connection lasts, as
+// a flood of other probation connections would.)
+func TestProbationWatchLost(t *testing.T) {
+	e := upWithProbation(t)
+	done := make(chan harness.CaseResult)
+	go func() {
+		var r harness.CaseResult
+		e.Run(harness.Scenario{Case: &harness.Case{Name: "lasting-connection", Bytes: 1 << 20, Target: "127.0.0.1:7307"}}, &r)
+		done <- r
+	}()
+	waitForStatus(t, e, "the first connection's sockets on probation", func(datapath.Status) bool {
+		u, err := datapath.ReadUsage(e.PinDir)
+		return err == nil && u.ProbationSockets == 2
+	})
+	watched, err := ebpf.LoadPinnedMap(filepath.Join(e.PinDir, "probation_sockets"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watched.Close()
+	var cookie uint64
+	var port []byte
+	var cookies []uint64
+	for it := watched.Iterate(); it.Next(&cookie, &port); {
+		cookies = append(cookies, cookie)
+	}
+	for _, c := range cookies {
+		if err := watched.Delete(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := <-done
+	for who, got := range r.Received {
+		if !got.Intact() || r.Errors[who] != "" {
+			t.Errorf("%s read %d of %d bytes intact=%v (error %q)", who, got.Bytes, got.WantSize, got.Intact(), r.Errors[who])
+		}
+	}
+	st := waitForStatus(t, e, "127.0.0.1:7307 to be kept on TCP", func(st datapath.Status) bool { return len(st.RefusingPorts) > 0 })
+	if len(st.RefusingPorts) != 1 || st.RefusingPorts[0].String() != "127.0.0.1:7307" || st.RefusingPorts[0].Reason != "probation watch lost" {
+		t.Errorf("ports kept on TCP: %+v, want 127.0.0.1:7307, its probation watch lost", st.RefusingPorts)
+	}
+	if len(st.ClearedPorts) != 0 || st.Counters.BytesRedirected != 0 {
+		t.Errorf("cleared ports %+v, counters %+v: want nothing cleared for good and nothing redirected", st.ClearedPorts, st.Counters)
 	}
 }

@@ -82,7 +82,8 @@ type RefusingPort struct {
 }
 
 // refusalReasons names enum refusal of bpf/sockredir.h.
-var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD", 3: "backlog", 4: "blocking reads", 5: "splice"}
+var refusalReasons = map[uint32]string{1: "SO_RCVLOWAT", 2: "FIONREAD", 3: "backlog", 4: "blocking reads", 5: "splice",
+	6: "probation watch lost"}
 
 // Program is one pinned BPF program.
 type Program struct {
