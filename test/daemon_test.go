@@ -330,6 +330,9 @@ func TestDaemonStartErrors(t *testing.T) {
 			if r.code != 1 || !strings.Contains(r.stderr, c.want) {
 				t.Errorf("exit %d, stderr %q: want exit 1 and %q", r.code, r.stderr, c.want)
 			}
+			if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the failed start left the pin directory: %v", err)
+			}
 		})
 	}
 }

@@ -92,23 +92,44 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	d.cgroup, d.pinDir = cfg.Cgroup, cfg.PinDir
+	// A metrics address that can't be served fails the start before
+	// anything is attached.
+	var metricsLn net.Listener
+	if opts.MetricsAddr != "" {
+		if metricsLn, err = net.Listen("tcp", opts.MetricsAddr); err != nil {
+			return fmt.Errorf("serving metrics: %w", err)
+		}
+	}
 	if err := d.up(cfg); err != nil {
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
 		return err
 	}
+	// Whatever ends the daemon from here on, --down-on-exit takes the
+	// datapath down: left up without its upkeep, nothing would bound its
+	// backlogs.
+	return errors.Join(d.serve(ctx, metricsLn), d.exit())
+}
+
+// serve runs the upkeep, the address tracker and, on metricsLn unless it is
+// nil, the metrics server, until ctx is done (nil) or one of them fails.
+func (d *daemon) serve(ctx context.Context, metricsLn net.Listener) error {
+	opts := d.opts
 	d.tracker = localaddr.NewTracker(d.cgroup, opts.Rescan, d.setLocalAddrs, d.log)
 	maintainer, err := datapath.NewMaintainer(d.pinDir, opts.MaxBacklog)
 	if err != nil {
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
 		return fmt.Errorf("preparing the datapath's upkeep: %w", err)
 	}
 
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	var wg sync.WaitGroup
-	if opts.MetricsAddr != "" {
-		srv, err := d.serveMetrics(stop)
-		if err != nil {
-			return err
-		}
+	if metricsLn != nil {
+		srv := d.serveMetrics(stop, metricsLn)
 		defer func() {
 			shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -135,7 +156,7 @@ func Run(ctx context.Context, opts Options) error {
 	if err := context.Cause(ctx); !errors.Is(err, context.Canceled) {
 		return err
 	}
-	return d.exit()
+	return nil
 }
 
 // reportCheck counts and logs what one check of the upkeep did. A datapath
@@ -246,7 +267,7 @@ func (d *daemon) reload() {
 
 // serveMetrics starts serving /metrics and /healthz; a server that fails
 // later stops the daemon through stop.
-func (d *daemon) serveMetrics(stop context.CancelCauseFunc) (*http.Server, error) {
+func (d *daemon) serveMetrics(stop context.CancelCauseFunc, ln net.Listener) *http.Server {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(metrics.NewCollector(d.pinDir),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -256,10 +277,6 @@ func (d *daemon) serveMetrics(stop context.CancelCauseFunc) (*http.Server, error
 	mux.Handle("GET /metrics", metrics.Handler(reg, d.log))
 	mux.HandleFunc("GET /healthz", d.healthz)
 
-	ln, err := net.Listen("tcp", d.opts.MetricsAddr)
-	if err != nil {
-		return nil, fmt.Errorf("serving metrics: %w", err)
-	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -267,7 +284,7 @@ func (d *daemon) serveMetrics(stop context.CancelCauseFunc) (*http.Server, error
 		}
 	}()
 	d.log.Info("serving metrics", zap.String("addr", ln.Addr().String()))
-	return srv, nil
+	return srv
 }
 
 // healthz answers 200 while the datapath is attached, 503 otherwise.
