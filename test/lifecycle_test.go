@@ -74,6 +74,42 @@ func TestDownWaitsForReaders(t *testing.T) {
 	}
 }
 
+// An up that comes while a down waits for a reader (a daemon restarted, a
+// SIGHUP, a hand) waits for the down to finish, then attaches anew: it
+// doesn't attach under the down, which would go on taking sockets out of
+// the map and unpin what the up made.
+func TestUpWaitsForARunningDown(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	tr := harness.Transfer{Listen: "127.0.0.1:0", Bytes: 1 << 20, Seed: 13, OneWay: true, ServerReadDelay: 2 * time.Second}
+	agent := e.Start(harness.Scenario{Transfer: &tr}, time.Minute)
+	time.Sleep(500 * time.Millisecond)
+
+	downEnded := make(chan time.Time, 1)
+	go func() {
+		if _, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir, DrainTimeout: 20 * time.Second}); err != nil {
+			t.Errorf("down: %v", err)
+		}
+		downEnded <- time.Now()
+	}()
+	time.Sleep(300 * time.Millisecond) // down is waiting for the reader now
+	if res := e.Up(datapath.Config{}); res != datapath.Attached {
+		t.Errorf("up after the down: %s, want %s", res, datapath.Attached)
+	}
+	upEnded := time.Now()
+	if ended := <-downEnded; upEnded.Before(ended) {
+		t.Errorf("up finished %s before the down it came during", ended.Sub(upEnded))
+	}
+	var res harness.TransferResult
+	if err := agent.Wait(&res); err != nil {
+		t.Fatal(err)
+	}
+	tr.Check(t, &res)
+	if st := e.Status(); !st.Up || !st.RedirectEnabled {
+		t.Errorf("after down and then up: up %v, redirecting %v; want both", st.Up, st.RedirectEnabled)
+	}
+}
+
 // up over a different build swaps the programs in place while connections
 // stream; nothing is lost or reset. The pinned program is replaced by an
 // unrelated one so that up sees other programs than its own.

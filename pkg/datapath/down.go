@@ -56,6 +56,11 @@ func Down(opts DownOptions) (bool, error) {
 		return false, err
 	}
 	p := pins(opts.PinDir)
+	unlock, err := p.lock(false)
+	if err != nil || unlock == nil {
+		return false, err
+	}
+	defer unlock()
 	meta, err := p.meta()
 	if err != nil || meta == nil {
 		return false, err

@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultPinDir is where pins go unless told otherwise.
@@ -80,6 +82,53 @@ func (p pins) path(name string) string { return filepath.Join(string(p), name) }
 func (p pins) has(name string) bool {
 	_, err := os.Stat(p.path(name))
 	return err == nil
+}
+
+// lockTimeout is how long an up or a down waits for another one of the
+// same pin directory: a down waits for readers up to its drain timeout.
+const lockTimeout = 2 * time.Minute
+
+// lock makes this process the only up or down of the pin directory until it
+// calls unlock. A down waiting for readers must not have an up attach anew
+// under it: the down would go on taking sockets out of the map, and
+// unpinning what the up made, while the new programs redirect. The lock is
+// a flock on the directory, which create makes first; without create, a
+// missing directory (nothing is up) returns a nil unlock.
+func (p pins) lock(create bool) (unlock func(), err error) {
+	deadline := time.Now().Add(lockTimeout)
+	for {
+		if create {
+			if err := os.MkdirAll(string(p), 0o700); err != nil {
+				return nil, fmt.Errorf("creating pin directory: %w", err)
+			}
+		}
+		dir, err := os.Open(string(p))
+		if errors.Is(err, os.ErrNotExist) && !create {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		switch err := unix.Flock(int(dir.Fd()), unix.LOCK_EX|unix.LOCK_NB); {
+		case err == nil:
+			// The down that held the lock may have removed the directory
+			// meanwhile: what counts is the one there now.
+			held, _ := dir.Stat()
+			now, statErr := os.Stat(string(p))
+			if statErr == nil && os.SameFile(held, now) {
+				return func() { dir.Close() }, nil
+			}
+		case !errors.Is(err, unix.EWOULDBLOCK):
+			dir.Close()
+			return nil, fmt.Errorf("locking pin directory %s: %w", p, err)
+		case time.Now().After(deadline):
+			dir.Close()
+			return nil, fmt.Errorf("another sockredir up or down has been working on %s for %s: wait for it, or stop it", p, lockTimeout)
+		default:
+			time.Sleep(50 * time.Millisecond)
+		}
+		dir.Close()
+	}
 }
 
 // meta returns the pinned metadata; nil, nil when the directory is missing or

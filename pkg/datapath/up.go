@@ -2,7 +2,6 @@ package datapath
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -83,6 +82,11 @@ func Up(cfg Config) (UpResult, error) {
 		return "", err
 	}
 	p := pins(cfg.PinDir)
+	unlock, err := p.lock(true)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
 	meta, err := p.meta()
 	if err != nil {
 		return "", err
@@ -92,9 +96,6 @@ func Up(cfg Config) (UpResult, error) {
 			return "", err
 		}
 		cfg.MapSize = meta.MapSize
-	}
-	if err := os.MkdirAll(cfg.PinDir, 0o700); err != nil {
-		return "", fmt.Errorf("creating pin directory: %w", err)
 	}
 
 	res, err := up(cfg, p, meta)
