@@ -32,13 +32,29 @@ const volatile __u64 max_backlog = 0;
  * its port while it lasts. */
 #define PROBATION_MIN_MS 1000
 
-/* Sockets to abort, by their own key; filled by the Maintainer. */
+/* Sockets to abort, by their own key, with the redirected bytes that
+ * waited at them when the Maintainer chose them. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, struct sock_key);
-	__type(value, __u8);
+	__type(value, __u64);
 } aborts SEC(".maps");
+
+/* Whether the socket with key, whose queue holds unread bytes now, is to be
+ * aborted: the Maintainer chose it, and its queue hasn't shrunk since (one
+ * that did is being read after all). */
+static __always_inline int to_abort(struct sock_key *key, __u64 unread)
+{
+	__u64 *chosen = bpf_map_lookup_elem(&aborts, key);
+	int abort;
+
+	if (!chosen)
+		return 0;
+	abort = unread >= *chosen;
+	bpf_map_delete_elem(&aborts, key);
+	return abort;
+}
 
 /* 6.5 and later (a weak kfunc: NULL where missing). Kernels without it
  * have the splice guard, and never a socket to abort. */
@@ -133,14 +149,13 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 	if (!psock)
 		return 0; /* no longer in sock_hash */
 	mirror_key(&st->peer, &r.key);
+	r.unread = queued_bytes(psock);
 	/* The type check also keeps sock_common's BTF whole, not a bare
 	 * declaration: cilium/ebpf matches bpf_sock_destroy's argument with it. */
-	if (bpf_map_lookup_elem(&aborts, &r.key) && bpf_sock_destroy && bpf_core_type_exists(struct sock_common)) {
-		bpf_map_delete_elem(&aborts, &r.key);
+	if (to_abort(&r.key, r.unread) && bpf_sock_destroy && bpf_core_type_exists(struct sock_common)) {
 		bpf_sock_destroy(skc);
 		return 0;
 	}
-	r.unread = queued_bytes(psock);
 	if (max_backlog) {
 		struct settings *s = get_settings();
 

@@ -244,7 +244,8 @@ func (m *Maintainer) abortAbandoned(reports map[sockopsSockKey]socketReport, now
 	}
 	m.abandoned, m.aborting = abandonedQueues(m.abandoned, reports, now)
 	for i, key := range m.aborting {
-		if err := m.inspector.objs.Aborts.Put(&key, uint8(1)); err != nil {
+		// The inspector aborts it only if its queue hasn't shrunk since.
+		if err := m.inspector.objs.Aborts.Put(&key, reports[key].Unread); err != nil {
 			return i, fmt.Errorf("marking a connection to abort: %w", err)
 		}
 	}
