@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"go.uber.org/zap"
 
 	"github.com/sockredir/sockredir/pkg/localaddr"
@@ -80,6 +81,7 @@ type Maintainer struct {
 	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
 	abandoned  map[sockopsSockKey]unreadSince
 	aborting   []sockopsSockKey // in the inspector's aborts since the last check
+	canAbort   bool             // whether the kernel lets the inspector abort a connection
 	// A datapath that could not be opened: which sock_hash, why, and when
 	// to try again.
 	failedID  ebpf.MapID
@@ -153,7 +155,20 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 		return nil, err
 	}
 	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, maps: maps, sockHashID: sockHashID, inspector: in,
-		namespaces: namespaces, settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{}}, nil
+		namespaces: namespaces, settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{},
+		canAbort: kernelHasSockDestroy()}, nil
+}
+
+// kernelHasSockDestroy reports whether this kernel has the bpf_sock_destroy
+// kfunc (6.5 and later), through which the inspector aborts connections;
+// without it, its calls are left out when the inspector loads.
+func kernelHasSockDestroy() bool {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return false
+	}
+	var fn *btf.Func
+	return spec.TypeByName("bpf_sock_destroy", &fn) == nil
 }
 
 // Check runs once over the cgroup's sockets.
@@ -241,6 +256,10 @@ func (m *Maintainer) abortAbandoned(reports map[sockopsSockKey]socketReport, now
 		if err := m.inspector.objs.Aborts.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return 0, fmt.Errorf("clearing the connections to abort: %w", err)
 		}
+	}
+	if !m.canAbort {
+		// Such a connection waits until its peer closes (docs/correctness.md).
+		return 0, nil
 	}
 	m.abandoned, m.aborting = abandonedQueues(m.abandoned, reports, now)
 	for i, key := range m.aborting {
