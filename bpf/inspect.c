@@ -56,8 +56,8 @@ static __always_inline int to_abort(struct sock_key *key, __u64 unread)
 	return abort;
 }
 
-/* 6.5 and later (a weak kfunc: NULL where missing). Kernels without it
- * have the splice guard, and never a socket to abort. */
+/* 6.5 and later (a weak kfunc: NULL where missing). Where it is missing,
+ * the Maintainer chooses no socket to abort (kernelHasSockDestroy). */
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym __weak;
 
 /* Whether the socket's application has it in blocking mode; not known (0)
