@@ -534,7 +534,8 @@ func fastOpen(serverTakes bool) func(Case) (*CaseResult, error) {
 			return nil, err
 		}
 		defer ln.Close()
-		client, err := dialFastOpen(ln.Addr().(*net.TCPAddr), bytes.Repeat([]byte{'q'}, 1000))
+		request := bytes.Repeat([]byte{'q'}, 1000)
+		client, err := dialFastOpen(ln.Addr().(*net.TCPAddr), request)
 		if err != nil {
 			return nil, err
 		}
@@ -547,9 +548,9 @@ func fastOpen(serverTakes bool) func(Case) (*CaseResult, error) {
 		defer server.Close()
 
 		res := newResult()
-		request := make([]byte, 1000)
-		if _, err := io.ReadFull(server, request); err != nil || !bytes.Equal(request, bytes.Repeat([]byte{'q'}, 1000)) {
-			res.Errors["server"] = fmt.Sprintf("request %q..., error %v", request[:8], err)
+		asked := make([]byte, len(request))
+		if _, err := io.ReadFull(server, asked); err != nil || !bytes.Equal(asked, request) {
+			res.Errors["server"] = fmt.Sprintf("request %q..., error %v", asked[:8], err)
 			return res, nil
 		}
 		if err := writeStream(server, c.Bytes, seed, 0); err != nil {
