@@ -326,7 +326,10 @@ func (fd fdWriter) Write(p []byte) (int, error) { return unix.Write(int(fd), p) 
 // results are named "... next connection". The client keeps its side open
 // for relayHoldOpen after sending, as a client waiting for its answer does:
 // where the splice guard can't load, the upkeep aborts the first connection
-// meanwhile (datapath.Maintainer).
+// meanwhile (datapath.Maintainer). Like a relay driven by epoll, it starts
+// to splice from a side once that side is readable: bytes have then been
+// redirected to it unless sockredir declined (splice-before-reply covers a
+// splice that comes first).
 func spliceRelay(c Case) (*CaseResult, error) {
 	res := newResult()
 	upstreamLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -378,7 +381,10 @@ func relayOnce(c Case, res *CaseResult, suffix string, relayLn, upstreamLn net.L
 		defer up.Close()
 		var relay sync.WaitGroup
 		copyHalf := func(dst, src *net.TCPConn) {
-			_, err := io.Copy(dst, src)
+			err := waitReadable(src, 10*time.Second)
+			if err == nil {
+				_, err = io.Copy(dst, src)
+			}
 			fail("relay copy", err)
 			dst.CloseWrite()
 		}
