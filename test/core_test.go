@@ -3,7 +3,9 @@ package test
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,6 +78,43 @@ func TestRedirectKeepsBytesIntact(t *testing.T) {
 				t.Errorf("the namespace sent %d TCP segments for %d bytes: data took the TCP path", res.TCPOutSegs, 2*tr.Bytes)
 			}
 		})
+	}
+}
+
+// A cgroup whose namespaces hold thousands of addresses fills the
+// local_addrs map. A new set of addresses replaces the old one even then,
+// and more addresses than fit is a clear error, not a failed update.
+func TestLocalAddrsFillTheMap(t *testing.T) {
+	e := harness.New(t)
+	addVeth(e, "sr0", "10.77.0.1/24")
+	e.Up(datapath.Config{})
+	addrs := func(first netip.Addr, n int) []netip.Addr {
+		out := make([]netip.Addr, n)
+		for i := range out {
+			out[i], first = first, first.Next()
+		}
+		return out
+	}
+	const capacity = 4096 // local_addrs in bpf/sockredir.h
+	if err := datapath.SetLocalAddrs(e.PinDir, addrs(netip.MustParseAddr("10.200.0.0"), capacity)); err != nil {
+		t.Fatalf("%d addresses: %v", capacity, err)
+	}
+	// The veth's address comes back among as many new ones.
+	others := addrs(netip.MustParseAddr("10.201.0.0"), capacity)
+	if err := datapath.SetLocalAddrs(e.PinDir, append(others[1:], netip.MustParseAddr("10.77.0.1"))); err != nil {
+		t.Fatalf("%d other addresses: %v", capacity, err)
+	}
+	tr := harness.Transfer{Listen: "10.77.0.1:0", Bytes: 1 << 20, Seed: 61}
+	var res harness.TransferResult
+	e.Run(harness.Scenario{Transfer: &tr}, &res)
+	tr.Check(t, &res)
+	if c := e.Status().Counters; c.SocketsAdded != 2 || c.BytesRedirected != uint64(2*tr.Bytes) {
+		t.Errorf("counters %+v: want the connection to the veth's address redirected", c)
+	}
+
+	err := datapath.SetLocalAddrs(e.PinDir, addrs(netip.MustParseAddr("10.202.0.0"), capacity+3))
+	if err == nil || !strings.Contains(err.Error(), "3 of the cgroup's 4099 local addresses don't fit") {
+		t.Errorf("%d addresses: error %v, want one that says 3 don't fit", capacity+3, err)
 	}
 }
 

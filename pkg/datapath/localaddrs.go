@@ -1,10 +1,12 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // SetLocalAddrs makes the local_addrs map of the datapath pinned in pinDir
@@ -23,14 +25,33 @@ func SetLocalAddrs(pinDir string, addrs []netip.Addr) error {
 	return replaceLocalAddrs(m, addrs)
 }
 
-// replaceLocalAddrs makes m hold exactly addrs.
+// replaceLocalAddrs makes m hold exactly addrs, or as many as fit. Stale
+// addresses go out first, so that a full map makes room for new ones: an
+// address missing meanwhile only costs acceleration.
 func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	want := make(map[[16]byte]uint8, len(addrs))
 	for _, a := range addrs {
 		want[a.As16()] = 1 // IPv4 in IPv4-mapped form, as the BPF side keys it
 	}
-	if err := replaceContents(m, want); err != nil {
+	if err := deleteStale(m, want); err != nil {
 		return fmt.Errorf("updating the local addresses: %w", err)
+	}
+	left := 0
+	for k, v := range want {
+		switch err := m.Put(k, v); {
+		case errors.Is(err, unix.E2BIG): // the map is full
+			left++
+		case err != nil:
+			return fmt.Errorf("updating the local addresses: %w", err)
+		}
+	}
+	if left > 0 {
+		return fmt.Errorf("%w: %d of the cgroup's %d local addresses don't fit in its %d entries, "+
+			"and connections to them go over TCP", errLocalAddrsFull, left, len(want), m.MaxEntries())
 	}
 	return nil
 }
+
+// errLocalAddrsFull says that some local addresses were left out of a full
+// local_addrs map: a loss of acceleration, not of correctness.
+var errLocalAddrsFull = errors.New("the local address map is full")

@@ -133,13 +133,18 @@ func cidrKey(p netip.Prefix) sockopsCidrKey {
 }
 
 // replaceContents makes m hold exactly want. New entries go in before stale
-// ones go out, so an entry in both is never missing meanwhile.
+// ones go out, so a rule in both is never missing meanwhile.
 func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
 	for k, v := range want {
 		if err := m.Put(k, v); err != nil {
 			return err
 		}
 	}
+	return deleteStale(m, want)
+}
+
+// deleteStale deletes the entries of m that are not in want.
+func deleteStale[K comparable, V any](m *ebpf.Map, want map[K]V) error {
 	var (
 		key   K
 		value V

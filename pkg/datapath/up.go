@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/cilium/ebpf"
@@ -156,7 +157,9 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); err != nil {
+	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); errors.Is(err, errLocalAddrsFull) {
+		cfg.Log.Warn("not every local address is accelerated", zap.Error(err))
+	} else if err != nil {
 		return "", err
 	}
 	// Also when already up: the guards aren't compared (which of them a
