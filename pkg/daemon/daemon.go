@@ -236,7 +236,12 @@ func (d *daemon) up(cfg datapath.Config) error {
 func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 	d.datapathMu.Lock()
 	defer d.datapathMu.Unlock()
-	return datapath.SetLocalAddrs(d.pinDir, addrs)
+	err := datapath.SetLocalAddrs(d.pinDir, addrs)
+	if errors.Is(err, datapath.ErrLocalAddrsFull) {
+		d.log.Warn("not every local address is accelerated", zap.Error(err))
+		return nil // the addresses that fit are in place: nothing to try again
+	}
+	return err
 }
 
 // reload reads the configuration again and runs Up with it, which keeps the

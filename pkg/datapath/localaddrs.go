@@ -47,11 +47,11 @@ func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	}
 	if left > 0 {
 		return fmt.Errorf("%w: %d of the cgroup's %d local addresses don't fit in its %d entries, "+
-			"and connections to them go over TCP", errLocalAddrsFull, left, len(want), m.MaxEntries())
+			"and connections to them go over TCP", ErrLocalAddrsFull, left, len(want), m.MaxEntries())
 	}
 	return nil
 }
 
-// errLocalAddrsFull says that some local addresses were left out of a full
-// local_addrs map: a loss of acceleration, not of correctness.
-var errLocalAddrsFull = errors.New("the local address map is full")
+// ErrLocalAddrsFull says that some local addresses were left out of a full
+// map: connections to them aren't accelerated, and nothing else happens.
+var ErrLocalAddrsFull = errors.New("the local address map is full")

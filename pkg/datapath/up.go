@@ -157,7 +157,7 @@ func up(cfg Config, p pins, meta *metaRecord) (UpResult, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); errors.Is(err, errLocalAddrsFull) {
+	if err := syncLocalAddrs(objs.sockops.LocalAddrs, cfg.Cgroup); errors.Is(err, ErrLocalAddrsFull) {
 		cfg.Log.Warn("not every local address is accelerated", zap.Error(err))
 	} else if err != nil {
 		return "", err
