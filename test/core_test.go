@@ -88,14 +88,6 @@ func TestLocalAddrsFillTheMap(t *testing.T) {
 	e := harness.New(t)
 	addVeth(e, "sr0", "10.77.0.1/24")
 	e.Up(datapath.Config{})
-	addrs := func(first netip.Addr, n int) []netip.Addr {
-		out := make([]netip.Addr, n)
-		for i := range out {
-			out[i], first = first, first.Next()
-		}
-		return out
-	}
-	const capacity = 4096 // local_addrs in bpf/sockredir.h
 	if err := datapath.SetLocalAddrs(e.PinDir, addrs(netip.MustParseAddr("10.200.0.0"), capacity)); err != nil {
 		t.Fatalf("%d addresses: %v", capacity, err)
 	}
@@ -118,19 +110,36 @@ func TestLocalAddrsFillTheMap(t *testing.T) {
 	}
 
 	// up puts in what fits and goes on.
+	addAddrs(e, "sr0", addrs(netip.MustParseAddr("10.203.0.0"), capacity))
+	e.Up(datapath.Config{})
+}
+
+// capacity is the number of entries of local_addrs in bpf/sockredir.h.
+const capacity = 4096
+
+// addrs returns n consecutive addresses from first on.
+func addrs(first netip.Addr, n int) []netip.Addr {
+	out := make([]netip.Addr, n)
+	for i := range out {
+		out[i], first = first, first.Next()
+	}
+	return out
+}
+
+// addAddrs adds host addresses to a link of the test namespace.
+func addAddrs(e *harness.Env, link string, addrs []netip.Addr) {
 	e.Do(func() error {
-		veth, err := netlink.LinkByName("sr0")
+		l, err := netlink.LinkByName(link)
 		if err != nil {
 			return err
 		}
-		for _, a := range addrs(netip.MustParseAddr("10.203.0.0"), capacity) {
-			if err := netlink.AddrAdd(veth, &netlink.Addr{IPNet: netlink.NewIPNet(a.AsSlice())}); err != nil {
+		for _, a := range addrs {
+			if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: netlink.NewIPNet(a.AsSlice())}); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
-	e.Up(datapath.Config{})
 }
 
 // Without sockredir the same transfer sends data segments: this is what makes

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -209,6 +210,19 @@ func addrsChanged(key, addr string) func(map[string]any) bool {
 	return func(l map[string]any) bool {
 		list, _ := l[key].([]any)
 		return slices.Contains(list, any(addr))
+	}
+}
+
+// More local addresses than the datapath holds: the daemon warns and goes
+// on, with the addresses that fit in place.
+func TestDaemonWithMoreAddressesThanFit(t *testing.T) {
+	e := harness.New(t)
+	d := startDaemon(t, e, "--config", noProbationConfig(t))
+	addVeth(e, "srd0")
+	addAddrs(e, "srd0", addrs(netip.MustParseAddr("10.204.0.0"), capacity+1))
+	d.waitLog("not every local address is accelerated", nil)
+	if m := d.scrape(); m["sockredir_up"] != 1 {
+		t.Errorf("sockredir_up = %v, want 1", m["sockredir_up"])
 	}
 }
 
