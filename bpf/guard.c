@@ -2,16 +2,17 @@
 /* BPF LSM programs that keep readers that tcp_bpf gets wrong away from
  * redirected bytes.
  *
- * The splice guard makes splice(2) and sendfile(2) fail with EINVAL when they
- * would read from one of sockredir's sockets.
+ * The splice guard makes splice(2), sendfile(2) and io_uring's splice fail
+ * with EINVAL when they would read from one of sockredir's sockets.
  *
  * Redirected bytes wait in the socket's psock queue, which only recvmsg reads;
  * tcp_splice_read reads the TCP receive queue alone, so a splice reader would
  * see none of them and then a clean EOF. EINVAL is what splice returns for a
  * file that can't be spliced, and readers such as Go's io.Copy then fall back
  * to read(2). vfs_splice_read, like vfs_read, asks security_file_permission
- * first; the system call tells the two apart. Kernels that refuse BPF LSM
- * programs can't have this guard: see docs/correctness.md.
+ * first; the system call, or the io_uring request, tells the two apart.
+ * Kernels that refuse BPF LSM programs can't have this guard: see
+ * docs/correctness.md.
  *
  * A probation socket (sockops.c) is plain TCP: its splice goes through, and
  * its server port stays on TCP, so that the service keeps its zero-copy
@@ -36,6 +37,25 @@ static __always_inline int is_splice_syscall(void)
 		return nr == 76 /* splice */ || nr == 71 /* sendfile */;
 	}
 	return 0;
+}
+
+/* io_uring runs every IORING_OP_SPLICE on one of its workers (the request
+ * is forced async), which says which request it is running. */
+static __always_inline int is_io_uring_splice(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct io_worker *worker;
+	struct io_wq_work *work;
+	struct io_kiocb *req;
+
+	if (!bpf_core_type_exists(struct io_kiocb) || !(task->flags & PF_IO_WORKER))
+		return 0; /* no io_uring in this kernel, or not its worker */
+	worker = BPF_CORE_READ(task, worker_private);
+	work = BPF_CORE_READ(worker, cur_work);
+	if (!work)
+		return 0;
+	req = (void *)work - bpf_core_field_offset(struct io_kiocb, work);
+	return BPF_CORE_READ(req, opcode) == IORING_OP_SPLICE;
 }
 
 /* Whether sk is in a sockmap (its psock is in sk_user_data). A socket that
@@ -71,7 +91,7 @@ int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
 
 	/* Every read of every file passes here: the system call is the
 	 * cheapest thing to look at first. */
-	if (ret || !(mask & MAY_READ) || !is_splice_syscall())
+	if (ret || !(mask & MAY_READ) || !(is_splice_syscall() || is_io_uring_splice()))
 		return ret;
 	st = watched_state(file);
 	if (!st)

@@ -33,8 +33,44 @@ struct files_struct {
 } __attribute__((preserve_access_index));
 
 struct task_struct {
+	unsigned int flags;
 	struct files_struct *files;
+	void *worker_private; /* an io_uring worker's struct io_worker */
 } __attribute__((preserve_access_index));
+
+#define PF_IO_WORKER 0x00000010
+
+/* An io_uring request (io_kiocb), with the command it holds: for
+ * IORING_OP_SPLICE an io_splice. An io_uring worker's cur_work is the
+ * io_wq_work of the request that it runs. */
+struct io_wq_work {
+	unsigned int flags;
+} __attribute__((preserve_access_index));
+
+struct io_worker {
+	struct io_wq_work *cur_work;
+} __attribute__((preserve_access_index));
+
+struct io_cmd_data {
+	struct file *file;
+} __attribute__((preserve_access_index));
+
+struct io_kiocb {
+	union {
+		struct file *file;
+		struct io_cmd_data cmd;
+	};
+	__u8 opcode;
+	struct io_wq_work work;
+} __attribute__((preserve_access_index));
+
+struct io_splice {
+	int splice_fd_in;
+	unsigned int flags;
+} __attribute__((preserve_access_index));
+
+#define IORING_OP_SPLICE 30
+#define SPLICE_F_FD_IN_FIXED (1U << 31) /* splice_fd_in is a registered file's index */
 
 struct sock;
 

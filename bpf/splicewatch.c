@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* The splice watch: where the kernel refuses the BPF LSM splice guard
- * (guard.c), tracepoints on splice(2) and sendfile(2) notice a socket of
- * sock_hash that starts to be read that way, and record it in refusals
- * (REFUSED_SPLICE). Its server port is then marked (here, if probation
- * cleared it; else when the socket next sends, or by the upkeep's
+ * (guard.c), tracepoints on splice(2), sendfile(2) and io_uring's requests
+ * notice a socket of sock_hash that starts to be read that way, and record
+ * it in refusals (REFUSED_SPLICE). Its server port is then marked (here, if
+ * probation cleared it; else when the socket next sends, or by the upkeep's
  * inspector), so that the service's next connections stay on TCP from the
  * start.
  *
@@ -136,6 +136,25 @@ SEC("tracepoint/syscalls/sys_enter_sendfile64")
 int sockredir_sendfile_watch(struct syscall_enter *ctx)
 {
 	watch(ctx->args[1]); /* in_fd */
+	return 0;
+}
+
+/* io_uring's splice is no system call: its requests are watched as they are
+ * submitted, in the submitter's task (or its SQPOLL thread, which shares
+ * its files), before they run. A registered file's index can't be resolved
+ * here. */
+SEC("raw_tp/io_uring_submit_req")
+int sockredir_io_uring_splice_watch(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct io_kiocb *req = (void *)ctx->args[0];
+	struct io_splice *sp;
+
+	if (!bpf_core_type_exists(struct io_kiocb)) /* a kernel without io_uring */
+		return 0;
+	sp = (void *)req + bpf_core_field_offset(struct io_kiocb, cmd);
+	if (BPF_CORE_READ(req, opcode) != IORING_OP_SPLICE || (BPF_CORE_READ(sp, flags) & SPLICE_F_FD_IN_FIXED))
+		return 0;
+	watch(BPF_CORE_READ(sp, splice_fd_in));
 	return 0;
 }
 

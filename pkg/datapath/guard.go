@@ -64,7 +64,7 @@ func watchSplice(p pins, maps map[string]*ebpf.Map, log *zap.Logger) {
 }
 
 // attachSpliceWatch loads the watch for this datapath's sock_hash, which it
-// finds sockets of by the map's id, and pins its two tracepoint links.
+// finds sockets of by the map's id, and pins its tracepoint links.
 func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 	if err := hostfs.EnsureTracefs(); err != nil {
 		return err
@@ -87,26 +87,42 @@ func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 	defer objs.Close()
 	watches := []struct {
 		pin, event string
-		prog       *ebpf.Program
+		attach     func() (link.Link, error)
 		link       link.Link
 	}{
-		{pin: pinSpliceWatchLink, event: "sys_enter_splice", prog: objs.SockredirSpliceWatch},
-		{pin: pinSendfileWatchLink, event: "sys_enter_sendfile64", prog: objs.SockredirSendfileWatch},
+		{pin: pinSpliceWatchLink, event: "syscalls:sys_enter_splice", attach: func() (link.Link, error) {
+			return link.Tracepoint("syscalls", "sys_enter_splice", objs.SockredirSpliceWatch, nil)
+		}},
+		{pin: pinSendfileWatchLink, event: "syscalls:sys_enter_sendfile64", attach: func() (link.Link, error) {
+			return link.Tracepoint("syscalls", "sys_enter_sendfile64", objs.SockredirSendfileWatch, nil)
+		}},
+		{pin: pinIoUringSpliceWatchLink, event: "io_uring_submit_req", attach: func() (link.Link, error) {
+			l, err := link.AttachRawTracepoint(link.RawTracepointOptions{
+				Name: "io_uring_submit_req", Program: objs.SockredirIoUringSpliceWatch})
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, nil // a kernel without io_uring: nothing to watch
+			}
+			return l, err
+		}},
 	}
-	// Both attach before either is pinned: half a watch must not look
-	// like one in `status`.
+	// All attach before any is pinned: part of a watch must not look like
+	// one in `status`.
 	for i := range watches {
 		w := &watches[i]
-		if w.link, err = link.Tracepoint("syscalls", w.event, w.prog, nil); err != nil {
+		if w.link, err = w.attach(); err != nil {
 			for _, attached := range watches[:i] {
-				attached.link.Close()
+				if attached.link != nil {
+					attached.link.Close()
+				}
 			}
-			return fmt.Errorf("attaching to syscalls:%s: %w", w.event, err)
+			return fmt.Errorf("attaching to %s: %w", w.event, err)
 		}
 	}
 	var errs []error
 	for _, w := range watches {
-		errs = append(errs, pinReplacing(p, w.pin, w.link))
+		if w.link != nil {
+			errs = append(errs, pinReplacing(p, w.pin, w.link))
+		}
 	}
 	return errors.Join(errs...)
 }

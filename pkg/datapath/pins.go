@@ -24,12 +24,13 @@ const (
 	pinGuardLink    = "link_splice_guard"
 	pinFIONREADLink = "link_fionread_guard"
 	// The splice watch, where the splice guard can't be attached.
-	pinSpliceWatchLink   = "link_splice_watch"
-	pinSendfileWatchLink = "link_sendfile_watch"
-	pinSockopsProg       = "prog_sockops"
-	pinRedirectProg      = "prog_redirect"
-	pinSockoptProg       = "prog_setsockopt"
-	pinMeta              = "meta"
+	pinSpliceWatchLink        = "link_splice_watch"
+	pinSendfileWatchLink      = "link_sendfile_watch"
+	pinIoUringSpliceWatchLink = "link_io_uring_splice_watch"
+	pinSockopsProg            = "prog_sockops"
+	pinRedirectProg           = "prog_redirect"
+	pinSockoptProg            = "prog_setsockopt"
+	pinMeta                   = "meta"
 	// A guard's new link, pinned under its name with this suffix until it
 	// replaces the old one (pinReplacing).
 	stagedSuffix = "_staged" // bpffs refuses names with dots
@@ -37,7 +38,7 @@ const (
 
 // guardLinks are the pins of the guards' links, which `up` replaces at every
 // run.
-var guardLinks = []string{pinGuardLink, pinFIONREADLink, pinSpliceWatchLink, pinSendfileWatchLink}
+var guardLinks = []string{pinGuardLink, pinFIONREADLink, pinSpliceWatchLink, pinSendfileWatchLink, pinIoUringSpliceWatchLink}
 
 // mapNames are the maps that outlive the loader, pinned under their own names.
 var mapNames = []string{"sock_hash", "sock_states", "local_addrs", "counters", "settings", "pending",

@@ -55,20 +55,21 @@ type splicewatchSockState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	splicewatchMapClearedPorts            = "cleared_ports"
-	splicewatchMapCounters                = "counters"
-	splicewatchMapLocalAddrs              = "local_addrs"
-	splicewatchMapPending                 = "pending"
-	splicewatchMapProbationSockets        = "probation_sockets"
-	splicewatchMapRefusalGen              = "refusal_gen"
-	splicewatchMapRefusals                = "refusals"
-	splicewatchMapRefusingPorts           = "refusing_ports"
-	splicewatchMapSettings                = "settings"
-	splicewatchMapSockHash                = "sock_hash"
-	splicewatchMapSockStates              = "sock_states"
-	splicewatchProgSockredirSendfileWatch = "sockredir_sendfile_watch"
-	splicewatchProgSockredirSpliceWatch   = "sockredir_splice_watch"
-	splicewatchVarSockHashId              = "sock_hash_id"
+	splicewatchMapClearedPorts                 = "cleared_ports"
+	splicewatchMapCounters                     = "counters"
+	splicewatchMapLocalAddrs                   = "local_addrs"
+	splicewatchMapPending                      = "pending"
+	splicewatchMapProbationSockets             = "probation_sockets"
+	splicewatchMapRefusalGen                   = "refusal_gen"
+	splicewatchMapRefusals                     = "refusals"
+	splicewatchMapRefusingPorts                = "refusing_ports"
+	splicewatchMapSettings                     = "settings"
+	splicewatchMapSockHash                     = "sock_hash"
+	splicewatchMapSockStates                   = "sock_states"
+	splicewatchProgSockredirIoUringSpliceWatch = "sockredir_io_uring_splice_watch"
+	splicewatchProgSockredirSendfileWatch      = "sockredir_sendfile_watch"
+	splicewatchProgSockredirSpliceWatch        = "sockredir_splice_watch"
+	splicewatchVarSockHashId                   = "sock_hash_id"
 )
 
 // loadSplicewatch returns the embedded CollectionSpec for splicewatch.
@@ -113,8 +114,9 @@ type splicewatchSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type splicewatchProgramSpecs struct {
-	SockredirSendfileWatch *ebpf.ProgramSpec `ebpf:"sockredir_sendfile_watch"`
-	SockredirSpliceWatch   *ebpf.ProgramSpec `ebpf:"sockredir_splice_watch"`
+	SockredirIoUringSpliceWatch *ebpf.ProgramSpec `ebpf:"sockredir_io_uring_splice_watch"`
+	SockredirSendfileWatch      *ebpf.ProgramSpec `ebpf:"sockredir_sendfile_watch"`
+	SockredirSpliceWatch        *ebpf.ProgramSpec `ebpf:"sockredir_splice_watch"`
 }
 
 // splicewatchMapSpecs contains maps before they are loaded into the kernel.
@@ -201,12 +203,14 @@ type splicewatchVariables struct {
 //
 // It can be passed to loadSplicewatchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type splicewatchPrograms struct {
-	SockredirSendfileWatch *ebpf.Program `ebpf:"sockredir_sendfile_watch"`
-	SockredirSpliceWatch   *ebpf.Program `ebpf:"sockredir_splice_watch"`
+	SockredirIoUringSpliceWatch *ebpf.Program `ebpf:"sockredir_io_uring_splice_watch"`
+	SockredirSendfileWatch      *ebpf.Program `ebpf:"sockredir_sendfile_watch"`
+	SockredirSpliceWatch        *ebpf.Program `ebpf:"sockredir_splice_watch"`
 }
 
 func (p *splicewatchPrograms) Close() error {
 	return _SplicewatchClose(
+		p.SockredirIoUringSpliceWatch,
 		p.SockredirSendfileWatch,
 		p.SockredirSpliceWatch,
 	)

@@ -18,8 +18,9 @@ type Status struct {
 	PinDir          string `json:"pin_dir"`
 	Cgroup          string `json:"cgroup,omitempty"`
 	RedirectEnabled bool   `json:"redirect_enabled"`
-	// SpliceGuard says whether splice(2) reads of accelerated sockets are
-	// turned into EINVAL; without it a splice reader loses redirected bytes.
+	// SpliceGuard says whether splice reads of accelerated sockets
+	// (splice(2), sendfile(2), io_uring's splice) are turned into EINVAL;
+	// without it a splice reader loses redirected bytes.
 	SpliceGuard bool `json:"splice_guard"`
 	// SpliceWatch says whether, without the guard, a socket that starts to
 	// splice puts its server port's next connections on TCP. Its own

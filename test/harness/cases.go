@@ -72,7 +72,8 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"half-close-blocking-client": halfCloseBlockingClient,
 	"blocking-client-sends":      blockingClientSends,
 	"splice-relay":               spliceRelay,
-	"splice-reader":              spliceReader,
+	"splice-reader":              spliceReader(syscallSplice),
+	"io-uring-splice-reader":     spliceReader(ioUringSplice),
 	"splice-before-reply":        withPair(spliceBeforeReply),
 	"lasting-connection":         lastingConnection,
 	"sendfile":                   withPair(sendfileSender),
@@ -468,45 +469,50 @@ func lastingConnection(c Case) (*CaseResult, error) {
 // before the upkeep may clear its port.
 const lastingWait = 2 * time.Second
 
-// spliceReader is a server on c.Target that reads with splice(2) into a
-// pipe, as haproxy and Go's io.Copy do, falling back to read(2) when splice
-// fails with EINVAL. Its client sends c.Bytes and closes while the server
-// waits 100 ms before it reads: a redirecting client has finished by then,
-// so a reader that splices from an accelerated socket finds its EOF at once
-// (over TCP, the client waits for the reader). Two connections, the
-// second's results named "... next connection"; Values counts the reads
-// that fell back.
-func spliceReader(c Case) (*CaseResult, error) {
-	res := newResult()
-	ln, err := net.Listen("tcp", c.Target)
-	if err != nil {
-		return nil, err
-	}
-	defer ln.Close()
-	for i, suffix := range []string{"", " next connection"} {
-		seed := uint64(60 + i)
-		client, server, err := connect(ln.(*net.TCPListener))
+// spliceReader is a server on c.Target (default: a loopback port of its
+// own) that reads with splice into a pipe, as haproxy and Go's io.Copy do,
+// falling back to read(2) when splice fails with EINVAL. Its client sends
+// c.Bytes and closes while the server waits 100 ms before it reads: a
+// redirecting client has finished by then, so a reader that splices from an
+// accelerated socket finds its EOF at once (over TCP, the client waits for
+// the reader). Two connections, the second's results named "... next
+// connection"; Values counts the reads that fell back.
+func spliceReader(splice splicer) func(Case) (*CaseResult, error) {
+	return func(c Case) (*CaseResult, error) {
+		if c.Target == "" {
+			c.Target = "127.0.0.1:0"
+		}
+		res := newResult()
+		ln, err := net.Listen("tcp", c.Target)
 		if err != nil {
 			return nil, err
 		}
-		written := make(chan error, 1)
-		go func() {
-			written <- writeStream(client, c.Bytes, seed, 0)
-			client.Close()
-		}()
-		time.Sleep(100 * time.Millisecond)
-		got, fellBack, err := spliceAll(server)
-		server.Close()
-		if err := <-written; err != nil {
-			res.Errors["client"+suffix] = err.Error()
+		defer ln.Close()
+		for i, suffix := range []string{"", " next connection"} {
+			seed := uint64(60 + i)
+			client, server, err := connect(ln.(*net.TCPListener))
+			if err != nil {
+				return nil, err
+			}
+			written := make(chan error, 1)
+			go func() {
+				written <- writeStream(client, c.Bytes, seed, 0)
+				client.Close()
+			}()
+			time.Sleep(100 * time.Millisecond)
+			got, fellBack, err := spliceAll(server, splice)
+			server.Close()
+			if err := <-written; err != nil {
+				res.Errors["client"+suffix] = err.Error()
+			}
+			if err != nil {
+				res.Errors["server"+suffix] = err.Error()
+			}
+			res.Received["server"+suffix] = Checked{got, seed, c.Bytes}
+			res.Values["read fallback"+suffix] = int64(fellBack)
 		}
-		if err != nil {
-			res.Errors["server"+suffix] = err.Error()
-		}
-		res.Received["server"+suffix] = Checked{got, seed, c.Bytes}
-		res.Values["read fallback"+suffix] = int64(fellBack)
+		return res, nil
 	}
-	return res, nil
 }
 
 // fastOpen is a client that puts its request in its SYN (TCP Fast Open,
@@ -634,7 +640,7 @@ func spliceBeforeReply(c Case, client, server *net.TCPConn) (*CaseResult, error)
 		written <- writeStream(server, c.Bytes, seed, 0)
 		server.Close()
 	}()
-	got, fellBack, err := spliceAll(client)
+	got, fellBack, err := spliceAll(client, syscallSplice)
 	if err != nil {
 		res.Errors["client"] = err.Error()
 	}
@@ -646,31 +652,41 @@ func spliceBeforeReply(c Case, client, server *net.TCPConn) (*CaseResult, error)
 	return res, nil
 }
 
-// spliceAll reads c to EOF with splice(2) through a pipe, or with read(2)
+// A splicer moves up to n bytes from c into the pipe end w: 0 is EOF,
+// EINVAL says that c can't be spliced.
+type splicer func(c *net.TCPConn, w, n int) (int64, error)
+
+// syscallSplice is splice(2), waiting for input as Go's io.Copy does.
+func syscallSplice(c *net.TCPConn, w, n int) (int64, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var moved int64
+	var serr error
+	if err := raw.Read(func(fd uintptr) bool {
+		moved, serr = unix.Splice(int(fd), nil, w, nil, n, unix.SPLICE_F_NONBLOCK)
+		return !errors.Is(serr, unix.EAGAIN)
+	}); err != nil {
+		return 0, err
+	}
+	return moved, serr
+}
+
+// spliceAll reads c to EOF with splice through a pipe, or with read(2)
 // once splice fails with EINVAL (fellBack 1).
-func spliceAll(c *net.TCPConn) (got Received, fellBack int, err error) {
+func spliceAll(c *net.TCPConn, splice splicer) (got Received, fellBack int, err error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 		return got, 0, err
 	}
 	defer unix.Close(p[0])
 	defer unix.Close(p[1])
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return got, 0, err
-	}
 	h := sha256.New()
 	buf := make([]byte, 64<<10)
 	defer func() { got.SHA256 = hex.EncodeToString(h.Sum(nil)) }()
 	for {
-		var n int64
-		var serr error
-		if err := raw.Read(func(fd uintptr) bool {
-			n, serr = unix.Splice(int(fd), nil, p[1], nil, len(buf), unix.SPLICE_F_NONBLOCK)
-			return !errors.Is(serr, unix.EAGAIN)
-		}); err != nil {
-			return got, 0, err
-		}
+		n, serr := splice(c, p[1], len(buf))
 		if errors.Is(serr, unix.EINVAL) {
 			break
 		}
