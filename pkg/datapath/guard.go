@@ -58,7 +58,7 @@ func watchSplice(p pins, maps map[string]*ebpf.Map, log *zap.Logger) {
 			"the splice watch could not be attached either (see docs/correctness.md)", zap.Error(err))
 		return
 	}
-	log.Warn("splice(2) readers are only watched on this kernel: a port whose probation connections splice stays " +
+	log.Warn("splice readers (splice(2), sendfile(2), io_uring) are only watched on this kernel: a port whose probation connections splice stays " +
 		"on TCP, but a connection that starts to splice once its port is accelerated loses what is redirected to it " +
 		"(the daemon aborts it after a second); exclude ports that splice only sometimes (see docs/correctness.md)")
 }

@@ -164,7 +164,7 @@ var configOptions = []struct {
 	{"CONFIG_BPF_STREAM_PARSER", "sockmap and sk_msg programs", false},
 	{"CONFIG_DEBUG_INFO_BTF", "BTF, which the programs are relocated with", false},
 	{"CONFIG_BPF_JIT", "compiled BPF programs (otherwise interpreted, slower)", true},
-	{"CONFIG_BPF_LSM", "the splice guard, which protects splice(2) readers", true},
+	{"CONFIG_BPF_LSM", "the splice guard, which protects splice readers", true},
 }
 
 func checkKernelConfig(release string) []Check {
@@ -355,8 +355,8 @@ func checkSpliceGuard() Check {
 	}
 	if err != nil {
 		c.Status = Warn
-		c.Detail = fmt.Sprintf("refused (%v): applications that read accelerated sockets with splice(2) "+
-			"(Go's io.Copy between TCP connections, haproxy, ztunnel) can't read the redirected bytes. "+
+		c.Detail = fmt.Sprintf("refused (%v): applications that read accelerated sockets with splice "+
+			"(Go's io.Copy between TCP connections, haproxy, ztunnel, io_uring's splice) can't read the redirected bytes. "+
 			"The splice watch keeps a port on TCP once it has seen a splice there, and a port's probation (the default) "+
 			"sees the applications that splice from the start; a connection that starts to splice once its port is "+
 			"accelerated (haproxy splice-auto) loses what is redirected to it", err)
