@@ -41,21 +41,29 @@ static __always_inline int is_splice_syscall(void)
 
 /* io_uring runs every IORING_OP_SPLICE on one of its workers (the request
  * is forced async), which says which request it is running. */
-static __always_inline int is_io_uring_splice(void)
+static __always_inline int is_io_uring_splice(struct task_struct *worker_task)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
 	struct io_worker *worker;
 	struct io_wq_work *work;
 	struct io_kiocb *req;
 
-	if (!bpf_core_type_exists(struct io_kiocb) || !(task->flags & PF_IO_WORKER))
-		return 0; /* no io_uring in this kernel, or not its worker */
-	worker = BPF_CORE_READ(task, worker_private);
+	if (!bpf_core_type_exists(struct io_kiocb)) /* a kernel without io_uring */
+		return 0;
+	worker = BPF_CORE_READ(worker_task, worker_private);
 	work = BPF_CORE_READ(worker, cur_work);
 	if (!work)
 		return 0;
 	req = (void *)work - bpf_core_field_offset(struct io_kiocb, work);
 	return BPF_CORE_READ(req, opcode) == IORING_OP_SPLICE;
+}
+
+/* An io_uring worker is no system call: on x86 it keeps the registers of
+ * the task that created it, whatever call that task was in. */
+static __always_inline int is_splice_read(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return task->flags & PF_IO_WORKER ? is_io_uring_splice(task) : is_splice_syscall();
 }
 
 /* Whether sk is in a sockmap (its psock is in sk_user_data). A socket that
@@ -91,7 +99,7 @@ int BPF_PROG(sockredir_splice_guard, struct file *file, int mask, int ret)
 
 	/* Every read of every file passes here: the system call is the
 	 * cheapest thing to look at first. */
-	if (ret || !(mask & MAY_READ) || !(is_splice_syscall() || is_io_uring_splice()))
+	if (ret || !(mask & MAY_READ) || !is_splice_read())
 		return ret;
 	st = watched_state(file);
 	if (!st)
