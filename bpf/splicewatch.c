@@ -140,9 +140,10 @@ int sockredir_sendfile_watch(struct syscall_enter *ctx)
 }
 
 /* io_uring's splice is no system call: its requests are watched as they are
- * submitted, in the submitter's task (or its SQPOLL thread, which shares
- * its files), before they run. A registered file's index can't be resolved
- * here. */
+ * submitted (io_uring_submit_req, io_uring_submit_sqe before 6.4; the
+ * loader attaches to whichever exists), in the submitter's task or its
+ * SQPOLL thread, which shares its files, before they run. A registered
+ * file's index can't be resolved here. */
 SEC("raw_tp/io_uring_submit_req")
 int sockredir_io_uring_splice_watch(struct bpf_raw_tracepoint_args *ctx)
 {

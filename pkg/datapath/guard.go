@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"go.uber.org/zap"
 
@@ -54,7 +55,7 @@ func attachGuards(p pins, maps map[string]*ebpf.Map, log *zap.Logger) error {
 // accelerated one can't be saved, and the upkeep (daemon, run) aborts it.
 func watchSplice(p pins, maps map[string]*ebpf.Map, log *zap.Logger) {
 	if err := attachSpliceWatch(p, maps); err != nil {
-		log.Warn("splice(2) readers of accelerated sockets are not protected: "+
+		log.Warn("splice readers of accelerated sockets are not protected: "+
 			"the splice watch could not be attached either (see docs/correctness.md)", zap.Error(err))
 		return
 	}
@@ -96,13 +97,8 @@ func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 		{pin: pinSendfileWatchLink, event: "syscalls:sys_enter_sendfile64", attach: func() (link.Link, error) {
 			return link.Tracepoint("syscalls", "sys_enter_sendfile64", objs.SockredirSendfileWatch, nil)
 		}},
-		{pin: pinIoUringSpliceWatchLink, event: "io_uring_submit_req", attach: func() (link.Link, error) {
-			l, err := link.AttachRawTracepoint(link.RawTracepointOptions{
-				Name: "io_uring_submit_req", Program: objs.SockredirIoUringSpliceWatch})
-			if errors.Is(err, os.ErrNotExist) {
-				return nil, nil // a kernel without io_uring: nothing to watch
-			}
-			return l, err
+		{pin: pinIoUringSpliceWatchLink, event: "io_uring's submissions", attach: func() (link.Link, error) {
+			return attachIoUringSubmissions(objs.SockredirIoUringSpliceWatch)
 		}},
 	}
 	// All attach before any is pinned: part of a watch must not look like
@@ -125,6 +121,27 @@ func attachSpliceWatch(p pins, maps map[string]*ebpf.Map) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// attachIoUringSubmissions attaches prog to the tracepoint of every
+// io_uring request's submission, named io_uring_submit_sqe before 6.4; it
+// returns no link on a kernel without io_uring.
+func attachIoUringSubmissions(prog *ebpf.Program) (link.Link, error) {
+	for _, name := range []string{"io_uring_submit_req", "io_uring_submit_sqe"} {
+		l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: name, Program: prog})
+		if !errors.Is(err, os.ErrNotExist) {
+			return l, err
+		}
+	}
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return nil, err
+	}
+	var req *btf.Struct
+	if spec.TypeByName("io_kiocb", &req) == nil {
+		return nil, errors.New("this kernel has io_uring, but neither of the tracepoints of its submissions that sockredir knows")
+	}
+	return nil, nil
 }
 
 // attachLSM attaches prog and pins its link as name.
