@@ -1,9 +1,12 @@
 package datapath
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -25,9 +28,14 @@ func SetLocalAddrs(pinDir string, addrs []netip.Addr) error {
 	return replaceLocalAddrs(m, addrs)
 }
 
-// replaceLocalAddrs makes m hold exactly addrs, or as many as fit. Stale
-// addresses go out first, so that a full map makes room for new ones: an
-// address missing meanwhile only costs acceleration.
+// ErrLocalAddrsFull says that some local addresses were left out of a full
+// map: connections to them aren't accelerated, and nothing else happens.
+var ErrLocalAddrsFull = errors.New("the local address map is full")
+
+// replaceLocalAddrs makes m hold exactly addrs, or as many as fit: the
+// lowest ones, so that the same addresses always make it. Stale addresses go
+// out first, so that a full map makes room for new ones: an address missing
+// meanwhile only costs acceleration.
 func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	want := make(map[[16]byte]uint8, len(addrs))
 	for _, a := range addrs {
@@ -37,8 +45,8 @@ func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 		return fmt.Errorf("updating the local addresses: %w", err)
 	}
 	left := 0
-	for k, v := range want {
-		switch err := m.Put(k, v); {
+	for _, k := range slices.SortedFunc(maps.Keys(want), func(a, b [16]byte) int { return bytes.Compare(a[:], b[:]) }) {
+		switch err := m.Put(k, want[k]); {
 		case errors.Is(err, unix.E2BIG): // the map is full
 			left++
 		case err != nil:
@@ -51,7 +59,3 @@ func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	}
 	return nil
 }
-
-// ErrLocalAddrsFull says that some local addresses were left out of a full
-// map: connections to them aren't accelerated, and nothing else happens.
-var ErrLocalAddrsFull = errors.New("the local address map is full")
