@@ -88,13 +88,13 @@ func TestLocalAddrsFillTheMap(t *testing.T) {
 	e := harness.New(t)
 	addVeth(e, "sr0", "10.77.0.1/24")
 	e.Up(datapath.Config{})
-	if err := datapath.SetLocalAddrs(e.PinDir, addrs(netip.MustParseAddr("10.200.0.0"), capacity)); err != nil {
-		t.Fatalf("%d addresses: %v", capacity, err)
+	if err := datapath.SetLocalAddrs(e.PinDir, addrRange(netip.MustParseAddr("10.200.0.0"), localAddrsCapacity)); err != nil {
+		t.Fatalf("%d addresses: %v", localAddrsCapacity, err)
 	}
 	// The veth's address comes back among as many new ones.
-	others := addrs(netip.MustParseAddr("10.201.0.0"), capacity)
+	others := addrRange(netip.MustParseAddr("10.201.0.0"), localAddrsCapacity)
 	if err := datapath.SetLocalAddrs(e.PinDir, append(others[1:], netip.MustParseAddr("10.77.0.1"))); err != nil {
-		t.Fatalf("%d other addresses: %v", capacity, err)
+		t.Fatalf("%d other addresses: %v", localAddrsCapacity, err)
 	}
 	tr := harness.Transfer{Listen: "10.77.0.1:0", Bytes: 1 << 20, Seed: 61}
 	var res harness.TransferResult
@@ -104,21 +104,22 @@ func TestLocalAddrsFillTheMap(t *testing.T) {
 		t.Errorf("counters %+v: want the connection to the veth's address redirected", c)
 	}
 
-	err := datapath.SetLocalAddrs(e.PinDir, addrs(netip.MustParseAddr("10.202.0.0"), capacity+3))
+	err := datapath.SetLocalAddrs(e.PinDir, addrRange(netip.MustParseAddr("10.202.0.0"), localAddrsCapacity+3))
 	if !errors.Is(err, datapath.ErrLocalAddrsFull) || !strings.Contains(err.Error(), "3 of the cgroup's 4099 local addresses don't fit") {
-		t.Errorf("%d addresses: error %v, want one that says 3 don't fit", capacity+3, err)
+		t.Errorf("%d addresses: error %v, want one that says 3 don't fit", localAddrsCapacity+3, err)
 	}
 
 	// up puts in what fits and goes on.
-	addAddrs(e, "sr0", addrs(netip.MustParseAddr("10.203.0.0"), capacity))
+	addAddrs(e, "sr0", addrRange(netip.MustParseAddr("10.203.0.0"), localAddrsCapacity))
 	e.Up(datapath.Config{})
 }
 
-// capacity is the number of entries of local_addrs in bpf/sockredir.h.
-const capacity = 4096
+// localAddrsCapacity is the number of entries of local_addrs in
+// bpf/sockredir.h.
+const localAddrsCapacity = 4096
 
-// addrs returns n consecutive addresses from first on.
-func addrs(first netip.Addr, n int) []netip.Addr {
+// addrRange returns n consecutive addresses from first on.
+func addrRange(first netip.Addr, n int) []netip.Addr {
 	out := make([]netip.Addr, n)
 	for i := range out {
 		out[i], first = first, first.Next()
@@ -127,13 +128,13 @@ func addrs(first netip.Addr, n int) []netip.Addr {
 }
 
 // addAddrs adds host addresses to a link of the test namespace.
-func addAddrs(e *harness.Env, link string, addrs []netip.Addr) {
+func addAddrs(e *harness.Env, link string, hosts []netip.Addr) {
 	e.Do(func() error {
 		l, err := netlink.LinkByName(link)
 		if err != nil {
 			return err
 		}
-		for _, a := range addrs {
+		for _, a := range hosts {
 			if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: netlink.NewIPNet(a.AsSlice())}); err != nil {
 				return err
 			}

@@ -219,7 +219,7 @@ func TestDaemonWithMoreAddressesThanFit(t *testing.T) {
 	e := harness.New(t)
 	d := startDaemon(t, e, "--config", noProbationConfig(t))
 	addVeth(e, "srd0")
-	addAddrs(e, "srd0", addrs(netip.MustParseAddr("10.204.0.0"), capacity+1))
+	addAddrs(e, "srd0", addrRange(netip.MustParseAddr("10.204.0.0"), localAddrsCapacity+1))
 	d.waitLog("not every local address is accelerated", nil)
 	if m := d.scrape(); m["sockredir_up"] != 1 {
 		t.Errorf("sockredir_up = %v, want 1", m["sockredir_up"])

@@ -3,6 +3,7 @@ package test
 import (
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -100,6 +101,7 @@ func TestProbationKeepsSpliceReadersOnTCP(t *testing.T) {
 // watch at its submission: on probation, its port stays on TCP as a
 // splice(2) reader's does, on every kernel.
 func TestProbationKeepsIoUringSpliceReadersOnTCP(t *testing.T) {
+	requireIoUring(t)
 	e := upWithProbation(t)
 	r := runCase(t, e, harness.Case{Name: "io-uring-splice-reader", Bytes: 1 << 20, Target: "127.0.0.1:7306"})
 	for _, p := range checkIntactNoErrors(&r) {
@@ -180,16 +182,19 @@ func TestProbationIgnoresEmptyConnections(t *testing.T) {
 }
 
 // A service whose port was cleared starts to read with splice(2), or with
-// io_uring's splice. Where the
-// splice guard loads, every such splice fails with EINVAL and the reader
-// falls back to read(2): the connections stay accelerated, and whole. Where
-// it can't, the first spliced connection loses what was redirected to it
-// (docs/correctness.md, known limitations), but the port is marked at that
-// splice, without the upkeep, and the next connection stays on TCP, whole,
-// though its client had sent everything and closed before the server read.
+// io_uring's splice. Where the splice guard loads, every such splice fails
+// with EINVAL and the reader falls back to read(2): the connections stay
+// accelerated, and whole. Where it can't, the first spliced connection loses
+// what was redirected to it (docs/correctness.md, known limitations), but
+// the port is marked at that splice, without the upkeep, and the next
+// connection stays on TCP, whole, though its client had sent everything and
+// closed before the server read.
 func TestProbationSpliceReaderAfterClearing(t *testing.T) {
 	for _, reader := range []string{"splice-reader", "io-uring-splice-reader"} {
 		t.Run(reader, func(t *testing.T) {
+			if strings.HasPrefix(reader, "io-uring-") {
+				requireIoUring(t)
+			}
 			e := upWithProbation(t)
 			tr := harness.Transfer{Listen: "127.0.0.1:7305", Bytes: 64 << 10, Seed: 51, ServerAnswersEOF: true}
 			var res harness.TransferResult

@@ -2,6 +2,7 @@ package test
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
@@ -201,10 +202,22 @@ func TestFastOpen(t *testing.T) {
 // which users need for them.
 var upkeptCases = map[string]bool{"splice-relay": true}
 
+// requireIoUring skips t where this process can't set up an io_uring
+// (harness.IoUringAvailable): there is nothing of sockredir's to test.
+func requireIoUring(t *testing.T) {
+	t.Helper()
+	if err := harness.IoUringAvailable(); err != nil {
+		t.Skipf("io_uring is unavailable here: %v", err)
+	}
+}
+
 func TestZeroLoss(t *testing.T) {
 	for _, c := range zeroLossCases {
 		for _, accelerated := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/%s", c.name, map[bool]string{false: "plain", true: "sockredir"}[accelerated]), func(t *testing.T) {
+				if strings.HasPrefix(c.name, "io-uring-") {
+					requireIoUring(t)
+				}
 				e := harness.New(t)
 				if accelerated {
 					e.Up(datapath.Config{})

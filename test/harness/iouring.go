@@ -20,7 +20,6 @@ const (
 	ioringEnterGetEvents  = 1
 	ioringFeatSingleMmap  = 1
 	ioringOffSQRing       = 0
-	ioringOffCQRing       = 0x8000000
 	ioringOffSQEs         = 0x10000000
 	ioringSQESize         = 64
 	ioringCQESize         = 16
@@ -33,11 +32,10 @@ const (
 // IORING_OP_SPLICE on a ring of its own, as a reader built on io_uring
 // does: 0 is EOF, EINVAL says that c can't be spliced.
 func ioUringSplice(c *net.TCPConn, w, n int) (int64, error) {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
 		// c is non-blocking, so its splice fails with EAGAIN until there
 		// is something to read.
-		if err := waitReadable(c, time.Until(deadline)); err != nil {
+		if err := waitReadable(c, max(time.Until(deadline), time.Millisecond)); err != nil {
 			return 0, fmt.Errorf("io_uring splice: %w", err)
 		}
 		var moved int64
@@ -48,10 +46,21 @@ func ioUringSplice(c *net.TCPConn, w, n int) (int64, error) {
 		if !errors.Is(serr, unix.EAGAIN) {
 			return moved, serr
 		}
-		if time.Now().After(deadline) {
-			return 0, errors.New("io_uring splice: readable, but splice found nothing to read for 10 s")
-		}
+		// Readable for recvmsg (redirected bytes), not for splice.
+		time.Sleep(10 * time.Millisecond)
 	}
+	return 0, errors.New("io_uring splice: readable, but splice found nothing to read for 10 s")
+}
+
+// IoUringAvailable says whether this process may set up an io_uring: a
+// kernel can be built without it, or disable it (kernel.io_uring_disabled),
+// and seccomp filters (Docker's default) refuse it.
+func IoUringAvailable() error {
+	ring, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, 1, uintptr(unsafe.Pointer(&[ioringParamsSize]byte{})), 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring_setup: %w", errno)
+	}
+	return unix.Close(int(ring))
 }
 
 // ioUringSpliceOnce sets up a ring, submits one splice from fd to w and
