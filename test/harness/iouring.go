@@ -108,18 +108,15 @@ func ioUringSpliceOnce(fd, w, n int) (int64, error) {
 	*word(sqArray + 4*slot) = slot
 	atomic.StoreUint32(word(sqTail), tail+1)
 
-	for {
-		_, _, errno = unix.Syscall6(unix.SYS_IO_URING_ENTER, ring, 1, 1, ioringEnterGetEvents, 0, 0)
-		if errno != unix.EINTR {
-			break
-		}
-	}
-	if errno != 0 {
-		return 0, fmt.Errorf("io_uring_enter: %w", errno)
-	}
+	// A signal (the Go runtime sends them) ends the wait early, with or
+	// without EINTR: enter again until the completion is there. Asking to
+	// submit again is harmless, since the kernel has taken the entry.
 	head := atomic.LoadUint32(word(cqHead))
-	if head == atomic.LoadUint32(word(cqTail)) {
-		return 0, errors.New("io_uring_enter returned without a completion")
+	for head == atomic.LoadUint32(word(cqTail)) {
+		_, _, errno = unix.Syscall6(unix.SYS_IO_URING_ENTER, ring, 1, 1, ioringEnterGetEvents, 0, 0)
+		if errno != 0 && errno != unix.EINTR {
+			return 0, fmt.Errorf("io_uring_enter: %w", errno)
+		}
 	}
 	cqe := cqes + ioringCQESize*(head&atomic.LoadUint32(word(cqMask)))
 	res := int32(binary.NativeEndian.Uint32(rings[cqe+8:]))
