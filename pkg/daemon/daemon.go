@@ -99,11 +99,9 @@ func Run(ctx context.Context, opts Options) error {
 		if metricsLn, err = net.Listen("tcp", opts.MetricsAddr); err != nil {
 			return fmt.Errorf("serving metrics: %w", err)
 		}
+		defer metricsLn.Close() // for a start that fails; the server's shutdown closes it otherwise
 	}
 	if err := d.up(cfg); err != nil {
-		if metricsLn != nil {
-			metricsLn.Close()
-		}
 		return err
 	}
 	// Whatever ends the daemon from here on, --down-on-exit takes the
@@ -119,9 +117,6 @@ func (d *daemon) serve(ctx context.Context, metricsLn net.Listener) error {
 	d.tracker = localaddr.NewTracker(d.cgroup, opts.Rescan, d.setLocalAddrs, d.log)
 	maintainer, err := datapath.NewMaintainer(d.pinDir, opts.MaxBacklog)
 	if err != nil {
-		if metricsLn != nil {
-			metricsLn.Close()
-		}
 		return fmt.Errorf("preparing the datapath's upkeep: %w", err)
 	}
 

@@ -133,12 +133,7 @@ func attachIoUringSubmissions(prog *ebpf.Program) (link.Link, error) {
 			return l, err
 		}
 	}
-	spec, err := btf.LoadKernelSpec()
-	if err != nil {
-		return nil, err
-	}
-	var req *btf.Struct
-	if spec.TypeByName("io_kiocb", &req) == nil {
+	if kernelHas[btf.Struct]("io_kiocb") {
 		return nil, errors.New("this kernel has io_uring, but neither of the tracepoints of its submissions that sockredir knows")
 	}
 	return nil, nil

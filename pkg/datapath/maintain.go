@@ -156,19 +156,21 @@ func NewMaintainer(pinDir string, maxBacklog uint64) (*Maintainer, error) {
 	}
 	return &Maintainer{maxBacklog: maxBacklog, pinDir: pinDir, maps: maps, sockHashID: sockHashID, inspector: in,
 		namespaces: namespaces, settled: map[sockopsSockKey]time.Time{}, abandoned: map[sockopsSockKey]unreadSince{},
-		canAbort: kernelHasSockDestroy()}, nil
+		// The inspector aborts connections through the bpf_sock_destroy
+		// kfunc (6.5 and later); without it, those calls are left out
+		// when it loads.
+		canAbort: kernelHas[btf.Func]("bpf_sock_destroy")}, nil
 }
 
-// kernelHasSockDestroy reports whether this kernel has the bpf_sock_destroy
-// kfunc (6.5 and later), through which the inspector aborts connections;
-// without it, its calls are left out when the inspector loads.
-func kernelHasSockDestroy() bool {
+// kernelHas reports whether the running kernel's BTF names a T (a btf.Func,
+// a btf.Struct) called name.
+func kernelHas[T any](name string) bool {
 	spec, err := btf.LoadKernelSpec()
 	if err != nil {
 		return false
 	}
-	var fn *btf.Func
-	return spec.TypeByName("bpf_sock_destroy", &fn) == nil
+	var typ *T
+	return spec.TypeByName(name, &typ) == nil
 }
 
 // Check runs once over the cgroup's sockets.
