@@ -33,6 +33,9 @@ type consoleReport struct {
 	exitCode int
 	tests    []string // in order of first appearance
 	status   map[string]testStatus
+	// patchTrap: the kernel died of an int3 trap, as at a code patching
+	// site that qemu's TCG ran stale (see retryAfterPatchTrap).
+	patchTrap bool
 }
 
 // Lines are matched anywhere, not only at their start: kernel messages
@@ -44,6 +47,8 @@ var (
 	resultLine      = regexp.MustCompile(`--- (PASS|FAIL|SKIP): (\S+) \(`)
 	unameLine       = regexp.MustCompile(unameMarker + ` (\S+)`)
 	exitLine        = regexp.MustCompile(exitMarker + ` (\d+)`)
+	// "Oops: int3: 0000 [#1]" (6.12), "int3: 0000 [#1]" (6.1).
+	patchTrapLine = regexp.MustCompile(`\bint3: [0-9a-f]{4} \[#\d+\]`)
 )
 
 func parseConsoleFile(file string) (*consoleReport, error) {
@@ -79,6 +84,8 @@ func parseConsole(r io.Reader) (*consoleReport, error) {
 		} else if m := exitLine.FindStringSubmatch(line); m != nil {
 			report.exited = true
 			report.exitCode, _ = strconv.Atoi(m[1])
+		} else if patchTrapLine.MatchString(line) {
+			report.patchTrap = true
 		}
 		if errors.Is(err, io.EOF) {
 			break

@@ -87,3 +87,23 @@ func TestNaturalCompareSortsKernelsByVersion(t *testing.T) {
 		t.Errorf("newest = %s", newest)
 	}
 }
+
+// A guest that died of an int3 trap at a code patching site (as 6.12 under
+// qemu's TCG did) is told apart from one that crashed otherwise.
+func TestParseConsolePatchTrap(t *testing.T) {
+	for console, want := range map[string]bool{
+		"=== RUN   TestX\n[   95.922316] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n" +
+			"[   95.922793] RIP: 0010:bpf_lsm_file_permission+0x5/0x10\n": true,
+		"=== RUN   TestX\n[   12.000000] int3: 0000 [#1] PREEMPT SMP NOPTI\n":                 true,
+		"=== RUN   TestX\n[   12.000000] BUG: kernel NULL pointer dereference, address: 0\n":  false,
+		"=== RUN   TestX\n    x_test.go:1: int3 is an instruction\n--- PASS: TestX (0.00s)\n": false,
+	} {
+		report, err := parseConsole(strings.NewReader(console))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if report.patchTrap != want {
+			t.Errorf("patchTrap = %v, want %v, for\n%s", report.patchTrap, want, console)
+		}
+	}
+}
