@@ -17,7 +17,8 @@
  *     here the file is known. A blocking server's port is remembered, so its
  *     later connections stay on TCP from the start;
  *   - splice readers (see splicewatch.c): a socket that splices gets its
- *     server port marked; one in `aborts` (datapath.Maintainer puts a splice
+ *     server port marked, and its connection goes back to TCP where that
+ *     leaves no hole (turn_splicing_pair_to_tcp); one in `aborts` (datapath.Maintainer puts a splice
  *     reader there whose redirected bytes nobody reads) has its connection
  *     aborted, so that both applications get an error instead of waiting
  *     forever for bytes that splice(2) can't see;
@@ -87,6 +88,28 @@ static __always_inline void look_at_probation(struct sock_state *st, struct tcp_
 	if ((__u32)(probation_clock() - st->probation_ms) >= PROBATION_MIN_MS &&
 	    still_watched(st, BPF_CORE_READ((struct sock_common *)tp, skc_cookie.counter)))
 		clear_server_port(st, tp);
+}
+
+/* A connection with a splice reader (the splice watch records one) goes
+ * back to TCP wherever that leaves no hole, so that the upkeep can release
+ * the pair instead of leaving it in sock_hash for good: the splicer's own
+ * sends (stopping is safe at any message), and its peer's if the peer has
+ * sent nothing yet, which splice then reads over TCP. A peer's own first
+ * message declines the same way (redirect.c, connection_refused); the swap
+ * keeps what it decided. A peer that redirected already goes on: see
+ * splicewatch.c. */
+static __always_inline void turn_splicing_pair_to_tcp(struct sock_state *st, __u32 own_refusal)
+{
+	__u32 *peer_refusal;
+
+	if (own_refusal == REFUSED_SPLICE) {
+		st->mode = MODE_PASS;
+		return;
+	}
+	peer_refusal = bpf_map_lookup_elem(&refusals, &st->peer);
+	if (peer_refusal && *peer_refusal == REFUSED_SPLICE &&
+	    __sync_val_compare_and_swap(&st->mode, MODE_UNDECIDED, MODE_PASS) == MODE_UNDECIDED)
+		count(COUNTER_PAIRS_DECLINED, 1);
 }
 
 struct socket_report {
@@ -164,11 +187,12 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 		else if (s && !(s->policy & POLICY_ACCELERATE_BLOCKING) && reads_blocking(tp))
 			refuse(st, REFUSED_BLOCKING);
 	}
-	r.mode = st->mode;
 	why = bpf_map_lookup_elem(&refusals, &r.key);
 	r.refused = why ? *why : 0;
 	if (r.refused == REFUSED_SPLICE)
 		mark_server_port(st, &r.key, REFUSED_SPLICE); /* it may never send again */
+	turn_splicing_pair_to_tcp(st, r.refused);
+	r.mode = st->mode;
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }

@@ -3,9 +3,12 @@ package test
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/test/harness"
@@ -120,6 +123,63 @@ func TestSettledConnectionLeavesTheMap(t *testing.T) {
 		t.Errorf("released %d sockets, %d left in the map, counters %+v; want 2 released, none left, one refusal",
 			res.Released, st.Sockets, st.Counters)
 	}
+	if n := refusalsLeft(t, e); n != 0 {
+		t.Errorf("%d refusals left after the release, want none: they would crowd out live ones", n)
+	}
+}
+
+// A connection whose reader began to splice before its peer's first
+// message goes back to TCP both ways once the upkeep has looked (the
+// splicer's own sends too), and leaves the map: FIONREAD then counts what
+// arrives over TCP. Where the splice guard loads, splice fails, the reader
+// reads instead and the connection stays accelerated.
+func TestSplicingConnectionLeavesTheMap(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	stop := runMaintainer(t, e, 0, false)
+	r := runCase(t, e, harness.Case{Name: "splice-then-fionread", Bytes: 1 << 20})
+	res := stop()
+	if got := r.Received["client"]; !got.Intact() {
+		t.Errorf("the splice reader read %d bytes, want the %d sent, intact", got.Bytes, got.WantSize)
+	}
+	st := e.Status()
+	if st.SpliceGuard {
+		if r.Values["read fallback"] != 1 || st.Counters.BytesRedirected == 0 {
+			t.Errorf("with the splice guard, want the reader to read and the answer redirected; fallback %d, counters %+v",
+				r.Values["read fallback"], st.Counters)
+		}
+		return
+	}
+	if r.Values["fionread"] != 1000 {
+		t.Errorf("FIONREAD at the splice reader: %d, want the 1000 bytes waiting", r.Values["fionread"])
+	}
+	if res.Released != 2 || st.Counters.BytesRedirected != 0 {
+		t.Errorf("released %d sockets, counters %+v; want both released and nothing redirected", res.Released, st.Counters)
+	}
+	if n := refusalsLeft(t, e); n != 0 {
+		t.Errorf("%d refusals left after the release, want none", n)
+	}
+}
+
+// refusalsLeft counts the entries of e's refusals map.
+func refusalsLeft(t *testing.T, e *harness.Env) int {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(e.PinDir, "refusals"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var key []byte
+	var why uint32
+	n := 0
+	it := m.Iterate()
+	for it.Next(&key, &why) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // tcp_bpf can fail a blocking recv(2) with EAGAIN, and sock_ops can't tell

@@ -57,10 +57,11 @@ const modePass = 2
 //     the reader gets the redirected bytes first, so nothing is reordered.
 //     The bound holds at each check: what arrives in between adds to it.
 //   - Release. A connection that went back to TCP (a refusal, pass-only
-//     mode) still pays tcp_bpf's costs, and tcp_bpf answers FIONREAD wrongly
-//     for TCP bytes on some kernels. Once neither of its sockets will
-//     redirect again and neither has redirected bytes left to read, for at
-//     least settleTime, they leave sock_hash and are plain TCP sockets again.
+//     mode, a splice reader whose peer had sent nothing) still pays
+//     tcp_bpf's costs, and tcp_bpf answers FIONREAD wrongly for TCP bytes on
+//     some kernels. Once neither of its sockets will redirect again and
+//     neither has redirected bytes left to read, for at least settleTime,
+//     they leave sock_hash and are plain TCP sockets again.
 //   - Abandoned bytes. Where the splice guard can't load, the splice watch
 //     notices a socket that starts to splice(2), and its server port stays
 //     on TCP from then on. Its own connection can't be saved: splice can't
@@ -211,6 +212,12 @@ func (m *Maintainer) Check() (CheckResult, error) {
 				res.Released++
 			case !errors.Is(err, ebpf.ErrKeyNotExist): // closed meanwhile: gone already
 				return res, fmt.Errorf("releasing a socket from the map: %w", err)
+			}
+			// Its refusal has done its work: a plain TCP socket has
+			// nobody to tell. Left in the LRU map, it would push out
+			// the refusals still on their way to a peer.
+			if err := m.maps["refusals"].Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return res, fmt.Errorf("forgetting a released socket's refusal: %w", err)
 			}
 		}
 	}

@@ -75,6 +75,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"splice-reader":              spliceReader(syscallSplice),
 	"io-uring-splice-reader":     spliceReader(ioUringSplice),
 	"splice-before-reply":        withPair(spliceBeforeReply),
+	"splice-then-fionread":       withPair(spliceThenFIONREAD),
 	"lasting-connection":         lastingConnection,
 	"sendfile":                   withPair(sendfileSender),
 	"peek":                       withPair(peek),
@@ -652,6 +653,50 @@ func spliceBeforeReply(c Case, client, server *net.TCPConn) (*CaseResult, error)
 	return res, nil
 }
 
+// spliceThenFIONREAD: the client begins to splice before the server's
+// first answer (c.Bytes) and reads it so; after a while, the server answers
+// again (1000 bytes), and the client asks FIONREAD before it reads that.
+func spliceThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	const seed, again = 63, 1000
+	res := newResult()
+	firstRead := make(chan struct{})
+	written := make(chan error, 1)
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		_, err := io.Copy(server, io.LimitReader(rand.NewChaCha8(seedBytes(seed)), c.Bytes))
+		<-firstRead
+		if err == nil {
+			time.Sleep(time.Second) // for the daemon, if one runs (emulated kernels are slow)
+			_, err = server.Write(make([]byte, again))
+		}
+		written <- err
+	}()
+	got, fellBack, err := spliceRead(client, syscallSplice, c.Bytes)
+	close(firstRead)
+	res.Received["client"] = Checked{got, seed, c.Bytes}
+	res.Values["read fallback"] = int64(fellBack)
+	if err != nil {
+		res.Errors["client"] = err.Error()
+		return res, nil
+	}
+	if err := <-written; err != nil {
+		res.Errors["server"] = err.Error()
+		return res, nil
+	}
+	if err := waitReadable(client, 5*time.Second); err != nil {
+		res.Errors["poll"] = err.Error()
+	}
+	n, err := fionreadOf(client)
+	if err != nil {
+		res.Errors["ioctl"] = err.Error()
+	}
+	res.Values["fionread"] = n
+	if _, err := io.ReadFull(client, make([]byte, again)); err != nil {
+		res.Errors["read"] = err.Error()
+	}
+	return res, nil
+}
+
 // A splicer moves up to n bytes from c into the pipe end w: 0 is EOF,
 // EINVAL says that c can't be spliced.
 type splicer func(c *net.TCPConn, w, n int) (int64, error)
@@ -676,6 +721,11 @@ func syscallSplice(c *net.TCPConn, w, n int) (int64, error) {
 // spliceAll reads c to EOF with splice through a pipe, or with read(2)
 // once splice fails with EINVAL (fellBack 1).
 func spliceAll(c *net.TCPConn, splice splicer) (got Received, fellBack int, err error) {
+	return spliceRead(c, splice, -1)
+}
+
+// spliceRead reads n bytes of c (to EOF if n < 0) as spliceAll does.
+func spliceRead(c *net.TCPConn, splice splicer, n int64) (got Received, fellBack int, err error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 		return got, 0, err
@@ -685,26 +735,35 @@ func spliceAll(c *net.TCPConn, splice splicer) (got Received, fellBack int, err 
 	h := sha256.New()
 	buf := make([]byte, 64<<10)
 	defer func() { got.SHA256 = hex.EncodeToString(h.Sum(nil)) }()
-	for {
-		n, serr := splice(c, p[1], len(buf))
+	want := func() int {
+		if n < 0 {
+			return len(buf)
+		}
+		return int(min(int64(len(buf)), n-got.Bytes))
+	}
+	for want() > 0 {
+		moved, serr := splice(c, p[1], want())
 		if errors.Is(serr, unix.EINVAL) {
 			break
 		}
-		if serr != nil || n == 0 {
+		if serr != nil || moved == 0 {
 			return got, 0, serr
 		}
-		for n > 0 { // drain what splice put in the pipe
-			m, err := unix.Read(p[0], buf[:n])
+		for moved > 0 { // drain what splice put in the pipe
+			m, err := unix.Read(p[0], buf[:moved])
 			if err != nil {
 				return got, 0, err
 			}
 			h.Write(buf[:m])
 			got.Bytes += int64(m)
-			n -= int64(m)
+			moved -= int64(m)
 		}
 	}
-	for {
-		m, err := c.Read(buf)
+	if want() == 0 {
+		return got, 0, nil
+	}
+	for want() > 0 {
+		m, err := c.Read(buf[:want()])
 		h.Write(buf[:m])
 		got.Bytes += int64(m)
 		if errors.Is(err, io.EOF) {
@@ -714,6 +773,7 @@ func spliceAll(c *net.TCPConn, splice splicer) (got Received, fellBack int, err 
 			return got, 1, err
 		}
 	}
+	return got, 1, nil
 }
 
 // sendfileSender sends a file with sendfile(2) (Go's ReadFrom from an
