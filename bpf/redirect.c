@@ -25,7 +25,7 @@ static __always_inline int withdraw(struct sock_state *st)
 
 	mirror_key(&st->peer, &own);
 	stage = bpf_map_lookup_elem(&pending, &own);
-	return stage && __sync_val_compare_and_swap(stage, PENDING_CLIENT, PENDING_DECLINED) == PENDING_CLIENT;
+	return stage && advance_pending(&own, stage, PENDING_CLIENT, PENDING_DECLINED);
 }
 
 /* Leaves a socket on the normal path for good. (A sk_msg program may not

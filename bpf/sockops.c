@@ -63,7 +63,7 @@ static __always_inline int take_pending(struct sock_key *k, __u32 stage)
 {
 	__u32 *v = bpf_map_lookup_elem(&pending, k);
 
-	if (!v || *v != stage)
+	if (!v || pending_stage(k, *v) != stage)
 		return 0;
 	bpf_map_delete_elem(&pending, k);
 	return 1;
@@ -337,12 +337,13 @@ static __always_inline void begin_probation(struct bpf_sock_ops *skops, struct s
 static __always_inline void note_handshake(struct bpf_sock_ops *skops)
 {
 	struct sock_key k;
-	__u32 stage = PENDING_SYN;
+	__u32 v;
 
 	key_from_ops(skops, &k);
 	if (!remote_is_local(&k))
 		return;
-	bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
+	v = pending_value(&k, PENDING_SYN);
+	bpf_map_update_elem(&pending, &k, &v, BPF_ANY);
 }
 
 /* A blocking reader of a socket in a sockhash can get EAGAIN from recv(2)
@@ -372,7 +373,7 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 {
 	struct tcp_sock *tp = tcp_sock_of(skops);
 	struct sock_key k, server;
-	__u32 stage = PENDING_CLIENT;
+	__u32 v;
 
 	if (!s->redirect_enabled)
 		return;
@@ -403,30 +404,33 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 	k.remote_seq = skops->rcv_nxt;
 	if (on_probation(s, &k)) {
 		begin_probation(skops, &k, 0);
-		stage = PENDING_PROBATION;
-		bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
+		v = pending_value(&k, PENDING_PROBATION);
+		bpf_map_update_elem(&pending, &k, &v, BPF_ANY);
 		return;
 	}
 	if (add_socket(skops, &k, 0)) {
 		count(COUNTER_SOCKETS_ADDED, 1);
-		bpf_map_update_elem(&pending, &k, &stage, BPF_ANY);
+		v = pending_value(&k, PENDING_CLIENT);
+		bpf_map_update_elem(&pending, &k, &v, BPF_ANY);
 	}
 }
 
-/* The server's half of the pairing, given the client's pending entry. The
+/* The server's half of the pairing, given the client's pending entry (its
+ * key client, its value at stage). The
  * server inserts itself and then claims the entry; a client whose first
  * message finds no server claims it the other way (redirect.c, withdraw). So
  * either that client finds the server in sock_hash when it looks again, or
  * the server finds the withdrawal and leaves before its application can have
  * used the socket: never both in the map with the client on TCP. */
-static __always_inline int pair_passive(struct bpf_sock_ops *skops, struct sock_key *k, __u32 *stage)
+static __always_inline int pair_passive(struct bpf_sock_ops *skops, struct sock_key *k, struct sock_key *client,
+					__u32 *stage)
 {
 	struct tcp_sock *tp = tcp_sock_of(skops);
 
-	if (*stage != PENDING_CLIENT || !tp || refuses_from_start(tp, k, 1) ||
+	if (pending_stage(client, *stage) != PENDING_CLIENT || !tp || refuses_from_start(tp, k, 1) ||
 	    !add_socket(skops, k, SOCK_PASSIVE))
 		return 0;
-	if (__sync_val_compare_and_swap(stage, PENDING_CLIENT, PENDING_PAIRED) == PENDING_CLIENT)
+	if (advance_pending(client, stage, PENDING_CLIENT, PENDING_PAIRED))
 		return 1;
 	bpf_map_delete_elem(&sock_hash, k);
 	if (skops->sk)
@@ -457,9 +461,9 @@ static __always_inline void add_passive(struct bpf_sock_ops *skops)
 	k.remote_seq = skops->rcv_nxt;
 	mirror_key(&k, &client);
 	stage = bpf_map_lookup_elem(&pending, &client);
-	if (stage && *stage == PENDING_PROBATION)
+	if (stage && pending_stage(&client, *stage) == PENDING_PROBATION)
 		join_probation(skops, &k);
-	else if (stage && pair_passive(skops, &k, stage))
+	else if (stage && pair_passive(skops, &k, &client, stage))
 		count(COUNTER_SOCKETS_ADDED, 1);
 	else
 		/* Whenever this side stays out, the client, if it is in,

@@ -178,15 +178,58 @@ enum pending_stage {
 	PENDING_PROBATION = 5,
 };
 
-/* Handshakes on their way to a pair (see sockops.c). The SYN stage's keys
- * carry no sequence numbers (they aren't known yet). LRU: a handshake that
- * never completes must not hold a slot for ever. */
+/* Handshakes on their way to a pair (see sockops.c), valued with
+ * pending_value. The SYN stage's keys carry no sequence numbers (they
+ * aren't known yet). LRU: a handshake that never completes must not hold a
+ * slot for ever. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct sock_key);
 	__type(value, __u32);
 } pending SEC(".maps");
+
+/* A pending value: the stage in the low byte, a hash of the entry's key
+ * above it. An LRU map recycles an evicted element at once, so the element
+ * that a pointer from an earlier look-up points to may hold another
+ * handshake by the time of a compare-and-swap: the hash tells. A value
+ * without a hash is an older build's, met during an upgrade in place. */
+#define PENDING_STAGE_MASK 0xff
+
+/* A 24-bit hash of k: its words folded, then mixed (Fibonacci hashing). */
+static __always_inline __u32 pending_hash(const struct sock_key *k)
+{
+	const __u32 *w = (const __u32 *)k;
+	__u32 h = 0;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(*k) / sizeof(__u32); i++)
+		h = (h ^ w[i]) * 0x9e3779b1;
+	return h >> 8;
+}
+
+static __always_inline __u32 pending_value(const struct sock_key *k, __u32 stage)
+{
+	return pending_hash(k) << 8 | stage;
+}
+
+/* The stage of value v, read from k's entry; 0 if v is another key's. */
+static __always_inline __u32 pending_stage(const struct sock_key *k, __u32 v)
+{
+	__u32 hash = v >> 8;
+
+	return hash == 0 || hash == pending_hash(k) ? v & PENDING_STAGE_MASK : 0;
+}
+
+/* Moves k's entry, at *v, from stage from to stage to, unless another
+ * socket moved it first (or it holds another key's handshake now). */
+static __always_inline int advance_pending(const struct sock_key *k, __u32 *v, __u32 from, __u32 to)
+{
+	__u32 seen = *v;
+
+	return pending_stage(k, seen) == from &&
+	       __sync_val_compare_and_swap(v, seen, (seen & ~PENDING_STAGE_MASK) | to) == seen;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
