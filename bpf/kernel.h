@@ -55,12 +55,50 @@ struct io_cmd_data {
 	struct file *file;
 } __attribute__((preserve_access_index));
 
+/* A ring's registered files (IORING_REGISTER_FILES). Each entry holds a
+ * file pointer with flags in its low bits (file_ptr). Since 6.13 the table
+ * is an array of resource nodes with its length; before, an array of
+ * io_fixed_file, whose length is the ring's nr_user_files. */
+struct io_rsrc_node {
+	unsigned long file_ptr;
+} __attribute__((preserve_access_index));
+
+struct io_rsrc_data {
+	unsigned int nr;
+	struct io_rsrc_node **nodes;
+} __attribute__((preserve_access_index));
+
+struct io_file_table {
+	struct io_rsrc_data data;
+} __attribute__((preserve_access_index));
+
+struct io_ring_ctx {
+	struct io_file_table file_table;
+} __attribute__((preserve_access_index));
+
+struct io_fixed_file {
+	unsigned long file_ptr;
+} __attribute__((preserve_access_index));
+
+struct io_file_table___before_6_13 {
+	struct io_fixed_file *files;
+} __attribute__((preserve_access_index));
+
+struct io_ring_ctx___before_6_13 {
+	struct io_file_table___before_6_13 file_table;
+	unsigned int nr_user_files;
+} __attribute__((preserve_access_index));
+
+/* file_ptr's flag bits (FFS_NOWAIT, FFS_ISREG and, before 6.7, FFS_SCM). */
+#define IO_FILE_PTR_FLAGS 0x7UL
+
 struct io_kiocb {
 	union {
 		struct file *file;
 		struct io_cmd_data cmd;
 	};
 	__u8 opcode;
+	struct io_ring_ctx *ctx;
 	struct io_wq_work work;
 } __attribute__((preserve_access_index));
 

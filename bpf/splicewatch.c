@@ -40,21 +40,56 @@ struct syscall_enter {
 	__u64 args[6];
 };
 
+static __always_inline struct sock *socket_of_file(struct file *file)
+{
+	struct socket *sock;
+
+	if (!file || (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	return BPF_CORE_READ(sock, sk);
+}
+
 static __always_inline struct sock *socket_of_fd(__u64 fd)
 {
 	struct task_struct *task = (void *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	struct file *file = 0;
-	struct socket *sock;
 
 	if (fd >= BPF_CORE_READ(fdt, max_fds))
 		return 0;
 	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
-	if (!file || (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
-		return 0;
-	sock = BPF_CORE_READ(file, private_data);
-	return BPF_CORE_READ(sock, sk);
+	return socket_of_file(file);
+}
+
+/* The socket at index of the ring's registered files, if it is one. The
+ * request is being submitted, under the ring's lock, which the table's
+ * updates take too. */
+static __always_inline struct sock *socket_of_registered_file(struct io_kiocb *req, __u32 index)
+{
+	struct io_ring_ctx *ctx = BPF_CORE_READ(req, ctx);
+	unsigned long file_ptr = 0;
+
+	if (bpf_core_field_exists(struct io_ring_ctx___before_6_13, nr_user_files)) {
+		struct io_ring_ctx___before_6_13 *old = (void *)ctx;
+		struct io_fixed_file *files = BPF_CORE_READ(old, file_table.files);
+
+		if (index >= BPF_CORE_READ(old, nr_user_files))
+			return 0;
+		bpf_probe_read_kernel(&file_ptr, sizeof(file_ptr), &files[index].file_ptr);
+	} else {
+		struct io_rsrc_node **nodes = BPF_CORE_READ(ctx, file_table.data.nodes);
+		struct io_rsrc_node *node = 0;
+
+		if (index >= BPF_CORE_READ(ctx, file_table.data.nr))
+			return 0;
+		bpf_probe_read_kernel(&node, sizeof(node), &nodes[index]);
+		if (!node)
+			return 0;
+		file_ptr = BPF_CORE_READ(node, file_ptr);
+	}
+	return socket_of_file((struct file *)(file_ptr & ~IO_FILE_PTR_FLAGS));
 }
 
 /* Reads the key of sk in sock_hash into key; 0 if it isn't there. */
@@ -105,9 +140,8 @@ static __always_inline void mark_cleared_server_port(struct sock_key *key)
 	refuse_port(&port, REFUSED_SPLICE);
 }
 
-static __always_inline void watch(__u64 fd)
+static __always_inline void watch(struct sock *sk)
 {
-	struct sock *sk = socket_of_fd(fd);
 	struct port_key *server;
 	struct sock_key key;
 	__u64 cookie;
@@ -128,34 +162,39 @@ static __always_inline void watch(__u64 fd)
 SEC("tracepoint/syscalls/sys_enter_splice")
 int sockredir_splice_watch(struct syscall_enter *ctx)
 {
-	watch(ctx->args[0]); /* fd_in */
+	watch(socket_of_fd(ctx->args[0])); /* fd_in */
 	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendfile64")
 int sockredir_sendfile_watch(struct syscall_enter *ctx)
 {
-	watch(ctx->args[1]); /* in_fd */
+	watch(socket_of_fd(ctx->args[1])); /* in_fd */
 	return 0;
 }
 
 /* io_uring's splice is no system call: its requests are watched as they are
  * submitted (io_uring_submit_req, io_uring_submit_sqe before 6.4; the
  * loader attaches to whichever exists), in the submitter's task or its
- * SQPOLL thread, which shares its files, before they run. A registered
- * file's index can't be resolved here. */
+ * SQPOLL thread, which shares its files, before they run. The input is a
+ * descriptor, or an index among the ring's registered files. */
 SEC("raw_tp/io_uring_submit_req")
 int sockredir_io_uring_splice_watch(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct io_kiocb *req = (void *)ctx->args[0];
 	struct io_splice *sp;
+	int fd_in;
 
 	if (!bpf_core_type_exists(struct io_kiocb)) /* a kernel without io_uring */
 		return 0;
 	sp = (void *)req + bpf_core_field_offset(struct io_kiocb, cmd);
-	if (BPF_CORE_READ(req, opcode) != IORING_OP_SPLICE || (BPF_CORE_READ(sp, flags) & SPLICE_F_FD_IN_FIXED))
+	if (BPF_CORE_READ(req, opcode) != IORING_OP_SPLICE)
 		return 0;
-	watch(BPF_CORE_READ(sp, splice_fd_in));
+	fd_in = BPF_CORE_READ(sp, splice_fd_in);
+	if (BPF_CORE_READ(sp, flags) & SPLICE_F_FD_IN_FIXED)
+		watch(socket_of_registered_file(req, fd_in));
+	else
+		watch(socket_of_fd(fd_in));
 	return 0;
 }
 

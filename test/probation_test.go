@@ -96,25 +96,33 @@ func TestProbationKeepsSpliceReadersOnTCP(t *testing.T) {
 	}
 }
 
-// A reader built on io_uring splices with IORING_OP_SPLICE, no system call.
-// The splice guard sees it in the io_uring worker that runs it, the splice
-// watch at its submission: on probation, its port stays on TCP as a
-// splice(2) reader's does, on every kernel.
+// ioUringSpliceReaders are the cases of a reader built on io_uring: it
+// splices with IORING_OP_SPLICE, no system call, naming the socket by its
+// descriptor or by its index among the ring's registered files.
+var ioUringSpliceReaders = []string{"io-uring-splice-reader", "io-uring-fixed-splice-reader"}
+
+// The splice guard sees an io_uring splice in the io_uring worker that runs
+// it, the splice watch at its submission: on probation, its port stays on
+// TCP as a splice(2) reader's does, on every kernel.
 func TestProbationKeepsIoUringSpliceReadersOnTCP(t *testing.T) {
 	requireIoUring(t)
-	e := upWithProbation(t)
-	r := runCase(t, e, harness.Case{Name: "io-uring-splice-reader", Bytes: 1 << 20, Target: "127.0.0.1:7306"})
-	for _, p := range checkIntactNoErrors(&r) {
-		t.Error(p)
-	}
-	st := e.Status()
-	if st.Counters.BytesRedirected != 0 {
-		t.Errorf("counters %+v, want nothing redirected", st.Counters)
-	}
-	if !slices.ContainsFunc(st.RefusingPorts, func(p datapath.RefusingPort) bool {
-		return p.String() == "127.0.0.1:7306" && p.Reason == "splice"
-	}) {
-		t.Errorf("ports kept on TCP: %+v, want 127.0.0.1:7306 for splice", st.RefusingPorts)
+	for _, reader := range ioUringSpliceReaders {
+		t.Run(reader, func(t *testing.T) {
+			e := upWithProbation(t)
+			r := runCase(t, e, harness.Case{Name: reader, Bytes: 1 << 20, Target: "127.0.0.1:7306"})
+			for _, p := range checkIntactNoErrors(&r) {
+				t.Error(p)
+			}
+			st := e.Status()
+			if st.Counters.BytesRedirected != 0 {
+				t.Errorf("counters %+v, want nothing redirected", st.Counters)
+			}
+			if !slices.ContainsFunc(st.RefusingPorts, func(p datapath.RefusingPort) bool {
+				return p.String() == "127.0.0.1:7306" && p.Reason == "splice"
+			}) {
+				t.Errorf("ports kept on TCP: %+v, want 127.0.0.1:7306 for splice", st.RefusingPorts)
+			}
+		})
 	}
 }
 
@@ -190,7 +198,7 @@ func TestProbationIgnoresEmptyConnections(t *testing.T) {
 // connection stays on TCP, whole, though its client had sent everything and
 // closed before the server read.
 func TestProbationSpliceReaderAfterClearing(t *testing.T) {
-	for _, reader := range []string{"splice-reader", "io-uring-splice-reader"} {
+	for _, reader := range append([]string{"splice-reader"}, ioUringSpliceReaders...) {
 		t.Run(reader, func(t *testing.T) {
 			if strings.HasPrefix(reader, "io-uring-") {
 				requireIoUring(t)

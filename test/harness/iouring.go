@@ -17,6 +17,8 @@ import (
 // IORING_OP_SPLICE needs.
 const (
 	ioringOpSplice        = 30
+	ioringRegisterFiles   = 2
+	spliceFFdInFixed      = 1 << 31 // splice_fd_in is an index into the registered files
 	ioringEnterGetEvents  = 1
 	ioringFeatSingleMmap  = 1
 	ioringOffSQRing       = 0
@@ -32,6 +34,17 @@ const (
 // IORING_OP_SPLICE on a ring of its own, as a reader built on io_uring
 // does: 0 is EOF, EINVAL says that c can't be spliced.
 func ioUringSplice(c *net.TCPConn, w, n int) (int64, error) {
+	return ioUringSpliceFrom(c, w, n, false)
+}
+
+// ioUringFixedSplice is ioUringSplice with c registered in the ring
+// (IORING_REGISTER_FILES), as readers that register their sockets do: the
+// request names it by its index there.
+func ioUringFixedSplice(c *net.TCPConn, w, n int) (int64, error) {
+	return ioUringSpliceFrom(c, w, n, true)
+}
+
+func ioUringSpliceFrom(c *net.TCPConn, w, n int, registered bool) (int64, error) {
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
 		// c is non-blocking, so its splice fails with EAGAIN until there
 		// is something to read.
@@ -40,7 +53,7 @@ func ioUringSplice(c *net.TCPConn, w, n int) (int64, error) {
 		}
 		var moved int64
 		var serr error
-		if err := control(c, func(fd int) { moved, serr = ioUringSpliceOnce(fd, w, n) }); err != nil {
+		if err := control(c, func(fd int) { moved, serr = ioUringSpliceOnce(fd, w, n, registered) }); err != nil {
 			return 0, err
 		}
 		if !errors.Is(serr, unix.EAGAIN) {
@@ -63,15 +76,24 @@ func IoUringAvailable() error {
 	return unix.Close(int(ring))
 }
 
-// ioUringSpliceOnce sets up a ring, submits one splice from fd to w and
-// waits for its completion.
-func ioUringSpliceOnce(fd, w, n int) (int64, error) {
+// ioUringSpliceOnce sets up a ring, submits one splice from fd (registered
+// in the ring first, if told) to w and waits for its completion.
+func ioUringSpliceOnce(fd, w, n int, registered bool) (int64, error) {
 	var params [ioringParamsSize]byte
 	ring, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, 1, uintptr(unsafe.Pointer(&params[0])), 0)
 	if errno != 0 {
 		return 0, fmt.Errorf("io_uring_setup: %w", errno)
 	}
 	defer unix.Close(int(ring))
+	var spliceFlags uint32
+	if registered {
+		files := []int32{int32(fd)}
+		if _, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, ring, ioringRegisterFiles,
+			uintptr(unsafe.Pointer(&files[0])), 1, 0, 0); errno != 0 {
+			return 0, fmt.Errorf("io_uring_register(IORING_REGISTER_FILES): %w", errno)
+		}
+		fd, spliceFlags = 0, spliceFFdInFixed
+	}
 	u32 := func(off int) uint32 { return binary.NativeEndian.Uint32(params[off:]) }
 	sqEntries, cqEntries, features := u32(0), u32(4), u32(20)
 	sqTail, sqMask, sqArray := u32(ioringSQOffsetsOffset+4), u32(ioringSQOffsetsOffset+8), u32(ioringSQOffsetsOffset+24)
@@ -104,6 +126,7 @@ func ioUringSpliceOnce(fd, w, n int) (int64, error) {
 	binary.NativeEndian.PutUint64(sqe[8:], ^uint64(0))         // no output offset
 	binary.NativeEndian.PutUint64(sqe[16:], ^uint64(0))        // no input offset
 	binary.NativeEndian.PutUint32(sqe[24:], uint32(n))         // len
+	binary.NativeEndian.PutUint32(sqe[28:], spliceFlags)       // splice_flags
 	binary.NativeEndian.PutUint32(sqe[44:], uint32(int32(fd))) // splice_fd_in
 	*word(sqArray + 4*slot) = slot
 	atomic.StoreUint32(word(sqTail), tail+1)
