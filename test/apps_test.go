@@ -112,6 +112,30 @@ func serve(t *testing.T, e *harness.Env, port int, name string, args ...string) 
 	}
 }
 
+// awaitListening waits until something listens on 127.0.0.1:port in e's
+// namespace, without connecting to it as serve does: for a relay, such a
+// probe would be a connection to relay, and a probation connection.
+func awaitListening(t *testing.T, e *harness.Env, port int) {
+	t.Helper()
+	listening := fmt.Sprintf(" 0100007F:%04X 00000000:0000 0A ", port) // /proc/net/tcp, state TCP_LISTEN
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		var table []byte
+		if err := e.NS.Do(func() (err error) {
+			table, err = os.ReadFile("/proc/thread-self/net/tcp")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(table), listening) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listened on 127.0.0.1:%d within 10 s", port)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func randomFile(t *testing.T, size int) (path string, sum [32]byte) {
 	t.Helper()
 	data := make([]byte, size)
@@ -327,7 +351,7 @@ func TestAppSocatRelay(t *testing.T) {
 		e.StartCommand(exec.Command("socat", "TCP-LISTEN:7101,bind=127.0.0.1,reuseaddr,fork", "TCP:127.0.0.1:7100"))
 		tr := harness.Transfer{Listen: "127.0.0.1:7100", Dial: "127.0.0.1", DialPort: 7101, Bytes: 32 << 20, Seed: 21, OneWay: true}
 		var res harness.TransferResult
-		time.Sleep(200 * time.Millisecond) // socat listening
+		awaitListening(t, e, 7101)
 		e.Run(harness.Scenario{Transfer: &tr}, &res)
 		tr.Check(t, &res)
 		if m == defaults {
