@@ -18,10 +18,11 @@
  *     later connections stay on TCP from the start;
  *   - splice readers (see splicewatch.c): a socket that splices gets its
  *     server port marked, and its connection goes back to TCP where that
- *     leaves no hole (turn_splicing_pair_to_tcp); one in `aborts` (datapath.Maintainer puts a splice
- *     reader there whose redirected bytes nobody reads) has its connection
- *     aborted, so that both applications get an error instead of waiting
- *     forever for bytes that splice(2) can't see;
+ *     leaves no hole (turn_splicing_pair_to_tcp); one in `aborts`
+ *     (datapath.Maintainer puts a splice reader there whose redirected
+ *     bytes nobody reads) has its connection aborted, so that both
+ *     applications get an error instead of waiting forever for bytes that
+ *     splice(2) can't see;
  *   - probation (sockops.c): see look_at_probation. */
 #include "sockredir.h"
 #include <bpf/bpf_core_read.h>
@@ -90,20 +91,34 @@ static __always_inline void look_at_probation(struct sock_state *st, struct tcp_
 		clear_server_port(st, tp);
 }
 
+/* Splice readers whose own sends go back to TCP, chosen by the Maintainer
+ * (see turn_splicing_pair_to_tcp), which sees both ends of a connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct sock_key);
+	__type(value, __u8);
+} stop_redirecting SEC(".maps");
+
 /* A connection with a splice reader (the splice watch records one) goes
  * back to TCP wherever that leaves no hole, so that the upkeep can release
- * the pair instead of leaving it in sock_hash for good: the splicer's own
- * sends (stopping is safe at any message), and its peer's if the peer has
- * sent nothing yet, which splice then reads over TCP. A peer's own first
- * message declines the same way (redirect.c, connection_refused); the swap
- * keeps what it decided. A peer that redirected already goes on: see
- * splicewatch.c. */
-static __always_inline void turn_splicing_pair_to_tcp(struct sock_state *st, __u32 own_refusal)
+ * the pair instead of leaving it in sock_hash for good:
+ *   - a peer that has sent nothing yet declines here, as its first message
+ *     would (redirect.c, connection_refused): splice reads over TCP what it
+ *     sends. The swap leaves a decision made meanwhile alone;
+ *   - the splicer's own sends, once its peer passes and doesn't splice
+ *     itself: then nothing is left to redirect between the two. The
+ *     Maintainer tells (stop_redirecting): this program sees one socket at
+ *     a time. While its peer redirects (splicewatch.c), the splicer does
+ *     too: its TCP bytes would reach a socket still in sock_hash, whose
+ *     FIONREAD some kernels get wrong. */
+static __always_inline void turn_splicing_pair_to_tcp(struct sock_state *st, struct sock_key *own)
 {
 	__u32 *peer_refusal;
 
-	if (own_refusal == REFUSED_SPLICE) {
+	if (bpf_map_lookup_elem(&stop_redirecting, own)) {
 		st->mode = MODE_PASS;
+		bpf_map_delete_elem(&stop_redirecting, own);
 		return;
 	}
 	peer_refusal = bpf_map_lookup_elem(&refusals, &st->peer);
@@ -186,12 +201,12 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 			refuse(st, REFUSED_BACKLOG);
 		else if (s && !(s->policy & POLICY_ACCELERATE_BLOCKING) && reads_blocking(tp))
 			refuse(st, REFUSED_BLOCKING);
+		turn_splicing_pair_to_tcp(st, &r.key);
 	}
 	why = bpf_map_lookup_elem(&refusals, &r.key);
 	r.refused = why ? *why : 0;
 	if (r.refused == REFUSED_SPLICE)
 		mark_server_port(st, &r.key, REFUSED_SPLICE); /* it may never send again */
-	turn_splicing_pair_to_tcp(st, r.refused);
 	r.mode = st->mode;
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;

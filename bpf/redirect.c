@@ -45,11 +45,11 @@ static __always_inline void decline(struct sock_state *st)
  * its stream, so its peer goes on redirecting (see splicewatch.c). A peer
  * that hasn't sent yet has nothing waiting there, and sends over TCP, which
  * splice reads. When it is this socket that splices, its server port is
- * marked here, where its state is at hand. This socket's own refusal set its
- * mode already (refuse), but a first message decided on another CPU at the
- * same moment may have overwritten it. Looks only when some socket refused
- * since this one last looked. */
-static __always_inline int connection_refused(struct sock_state *st)
+ * marked here, where its state is at hand. (This socket's other refusals set
+ * its mode already: see refuse.) mode is this socket's, as the message
+ * found it. Looks only when some socket refused since this one last
+ * looked. */
+static __always_inline int connection_refused(struct sock_state *st, __u32 mode)
 {
 	__u32 *gen = get_refusal_gen(), *why;
 	struct sock_key own;
@@ -59,7 +59,7 @@ static __always_inline int connection_refused(struct sock_state *st)
 	st->seen_refusals = *gen;
 	why = bpf_map_lookup_elem(&refusals, &st->peer);
 	if (why)
-		return *why != REFUSED_SPLICE || st->mode == MODE_UNDECIDED;
+		return *why != REFUSED_SPLICE || mode == MODE_UNDECIDED;
 	mirror_key(&st->peer, &own);
 	why = bpf_map_lookup_elem(&refusals, &own);
 	if (!why)
@@ -86,30 +86,40 @@ int sockredir_redirect(struct sk_msg_md *msg)
 	struct settings *settings = get_settings();
 	struct bpf_sock *sk = msg->sk;
 	struct sock_state *st;
+	__u32 mode;
 
 	if (!sk || !settings)
 		goto pass;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
-	if (!st || st->mode == MODE_PASS)
+	if (!st)
 		goto pass;
-	if (connection_refused(st)) {
-		if (st->mode == MODE_UNDECIDED)
+	/* Read once: the guards and the upkeep's inspector set it to
+	 * MODE_PASS from other CPUs, and a message must act on one value. */
+	mode = *(volatile __u32 *)&st->mode;
+	if (mode == MODE_PASS)
+		goto pass;
+	if (connection_refused(st, mode)) {
+		if (mode == MODE_UNDECIDED)
 			decline(st);
 		else
 			st->mode = MODE_PASS;
 		goto pass;
 	}
-	if (st->mode == MODE_UNDECIDED) {
+	if (mode == MODE_UNDECIDED) {
 		if (settings->pass_only) {
 			st->mode = MODE_PASS;
 			goto pass;
 		}
+		/* Claimed before the first redirect, so that a decision to
+		 * pass made elsewhere meanwhile stands (inspect.c declines a
+		 * splice reader's peer that hasn't sent yet). */
+		if (__sync_val_compare_and_swap(&st->mode, MODE_UNDECIDED, MODE_REDIRECT) != MODE_UNDECIDED)
+			goto pass;
 		if (!settings->redirect_enabled || !nothing_sent_over_tcp(sk, st) ||
 		    !redirect_first(msg, st)) {
 			decline(st);
 			goto pass;
 		}
-		st->mode = MODE_REDIRECT;
 		goto redirected;
 	}
 	/* Stopping is safe at any message: the receiver reads what was

@@ -196,7 +196,8 @@ struct {
  * without a hash is an older build's, met during an upgrade in place. */
 #define PENDING_STAGE_MASK 0xff
 
-/* A 24-bit hash of k: its words folded, then mixed (Fibonacci hashing). */
+/* A 24-bit hash of k, never 0 (an older build's value): its words folded,
+ * then mixed (Fibonacci hashing). */
 static __always_inline __u32 pending_hash(const struct sock_key *k)
 {
 	const __u32 *w = (const __u32 *)k;
@@ -205,7 +206,8 @@ static __always_inline __u32 pending_hash(const struct sock_key *k)
 #pragma unroll
 	for (int i = 0; i < sizeof(*k) / sizeof(__u32); i++)
 		h = (h ^ w[i]) * 0x9e3779b1;
-	return h >> 8;
+	h >>= 8;
+	return h ? h : 1;
 }
 
 static __always_inline __u32 pending_value(const struct sock_key *k, __u32 stage)

@@ -67,6 +67,7 @@ const (
 	inspectMapSettings          = "settings"
 	inspectMapSockHash          = "sock_hash"
 	inspectMapSockStates        = "sock_states"
+	inspectMapStopRedirecting   = "stop_redirecting"
 	inspectProgSockredirInspect = "sockredir_inspect"
 	inspectVarMaxBacklog        = "max_backlog"
 )
@@ -132,6 +133,7 @@ type inspectMapSpecs struct {
 	Settings         *ebpf.MapSpec `ebpf:"settings"`
 	SockHash         *ebpf.MapSpec `ebpf:"sock_hash"`
 	SockStates       *ebpf.MapSpec `ebpf:"sock_states"`
+	StopRedirecting  *ebpf.MapSpec `ebpf:"stop_redirecting"`
 }
 
 // inspectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -173,6 +175,7 @@ type inspectMaps struct {
 	Settings         *ebpf.Map `ebpf:"settings"`
 	SockHash         *ebpf.Map `ebpf:"sock_hash"`
 	SockStates       *ebpf.Map `ebpf:"sock_states"`
+	StopRedirecting  *ebpf.Map `ebpf:"stop_redirecting"`
 }
 
 func (m *inspectMaps) Close() error {
@@ -189,6 +192,7 @@ func (m *inspectMaps) Close() error {
 		m.Settings,
 		m.SockHash,
 		m.SockStates,
+		m.StopRedirecting,
 	)
 }
 

@@ -82,6 +82,7 @@ type Maintainer struct {
 	settled    map[sockopsSockKey]time.Time // by the key that releases them, since first seen settled
 	abandoned  map[sockopsSockKey]unreadSince
 	aborting   []sockopsSockKey // in the inspector's aborts since the last check
+	stopping   []sockopsSockKey // in the inspector's stop_redirecting since the last check
 	canAbort   bool             // whether the kernel lets the inspector abort a connection
 	// A datapath that could not be opened: which sock_hash, why, and when
 	// to try again.
@@ -222,9 +223,50 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		}
 	}
 	m.settled = settledNow
+	if err := m.stopSplicers(reports); err != nil {
+		return res, err
+	}
 	aborted, err := m.abortAbandoned(reports, now)
 	res.Aborted = aborted
 	return res, err
+}
+
+// stopSplicers tells the inspector which splice readers are to send over
+// TCP from its next look on (splicersToStop). Those the last check told
+// and that are still there are gone: the inspector deletes what it did.
+func (m *Maintainer) stopSplicers(reports map[sockopsSockKey]socketReport) error {
+	for _, key := range m.stopping {
+		if err := m.inspector.objs.StopRedirecting.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clearing the splice readers to stop: %w", err)
+		}
+	}
+	m.stopping = splicersToStop(reports)
+	for _, key := range m.stopping {
+		if err := m.inspector.objs.StopRedirecting.Put(&key, uint8(1)); err != nil {
+			return fmt.Errorf("marking a splice reader to stop redirecting: %w", err)
+		}
+	}
+	return nil
+}
+
+// splicersToStop returns the splice readers that still redirect to a peer
+// that sends over TCP and doesn't splice itself: once they pass too, the
+// pair can be released (bpf/inspect.c, turn_splicing_pair_to_tcp). One
+// whose peer redirects goes on redirecting too, or its bytes would reach
+// over TCP a socket still in sock_hash.
+func splicersToStop(reports map[sockopsSockKey]socketReport) []sockopsSockKey {
+	var stop []sockopsSockKey
+	for key, r := range reports {
+		if r.Refused != refusedSplice || r.Mode == modePass {
+			continue
+		}
+		var peerKey sockopsSockKey
+		mirrorKey(&key, &peerKey)
+		if peer, ok := reports[peerKey]; ok && peer.Mode == modePass && peer.Refused != refusedSplice {
+			stop = append(stop, key)
+		}
+	}
+	return stop
 }
 
 // followPins makes the checks look after the maps pinned now: after a `down`
@@ -311,8 +353,9 @@ func abandonedQueues(watched map[sockopsSockKey]unreadSince, reports map[sockops
 // nothing redirected is left to read; only for the lower of the two keys, so
 // that each pair is handled once. A socket won't redirect again once it
 // passes, or once either socket refused: its next message finds the
-// refusal. A socket that splices is no refusal: its peer goes on redirecting
-// to it (see bpf/splicewatch.c). (A socket is never in the map without its
+// refusal. A socket that splices is no refusal: a peer that redirected to
+// it goes on (see bpf/splicewatch.c); otherwise both come to pass
+// (splicersToStop) and are released like any such pair. (A socket is never in the map without its
 // peer for longer than a handshake: sock_ops takes a client out again when
 // its server stays out.)
 func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {

@@ -83,3 +83,29 @@ func TestAbandonedQueues(t *testing.T) {
 		t.Fatalf("after %v: watching %v, want the reader that read", abandonTime, watched)
 	}
 }
+
+// A splice reader stops redirecting only once its peer passes and doesn't
+// splice itself: then the pair can be released. While its peer redirects
+// to it, its own TCP bytes would reach a socket still in the map.
+func TestSplicersToStop(t *testing.T) {
+	splicer := sockopsSockKey{LocalPort: 40000, RemotePort: 8080, LocalSeq: 11, RemoteSeq: 22, Family: 2}
+	var peer sockopsSockKey
+	mirrorKey(&splicer, &peer)
+	splicing := func(mode uint32) socketReport { return socketReport{Mode: mode, Refused: refusedSplice} }
+	for _, c := range []struct {
+		name    string
+		reports map[sockopsSockKey]socketReport
+		want    []sockopsSockKey
+	}{
+		{"the peer passes", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: modePass}}, []sockopsSockKey{splicer}},
+		{"the peer hasn't decided", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: 0}}, nil},
+		{"the peer redirects", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: 1}}, nil},
+		{"the peer splices too", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: splicing(modePass)}, nil},
+		{"the splicer passes already", map[sockopsSockKey]socketReport{splicer: splicing(modePass), peer: {Mode: modePass}}, nil},
+		{"the peer is gone", map[sockopsSockKey]socketReport{splicer: splicing(1)}, nil},
+	} {
+		if got := splicersToStop(c.reports); !slices.Equal(got, c.want) {
+			t.Errorf("%s: stop %v, want %v", c.name, got, c.want)
+		}
+	}
+}

@@ -654,16 +654,17 @@ func spliceBeforeReply(c Case, client, server *net.TCPConn) (*CaseResult, error)
 	return res, nil
 }
 
-// spliceThenFIONREAD: the client begins to splice before the server's
-// first answer (c.Bytes) and reads it so; after a while, the server answers
-// again (1000 bytes), and the client asks FIONREAD before it reads that.
+// spliceThenFIONREAD: the client begins to splice a second before the
+// server's first answer (c.Bytes) and reads it so; after a while, the server
+// answers again (1000 bytes), and the client asks FIONREAD before it reads
+// that. The daemon, if one runs, has time to act before each answer.
 func spliceThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error) {
 	const seed, again = 63, 1000
 	res := newResult()
 	firstRead := make(chan struct{})
 	written := make(chan error, 1)
 	go func() {
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(time.Second)
 		_, err := io.Copy(server, io.LimitReader(rand.NewChaCha8(seedBytes(seed)), c.Bytes))
 		<-firstRead
 		if err == nil {
