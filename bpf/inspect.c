@@ -6,7 +6,8 @@
  * `sockredir down` and the daemon only remove sockets whose queue is empty.
  * (iter/sockmap would walk the map directly, but some kernels refuse it.)
  *
- * With max_backlog set (datapath.Maintainer, which the daemon runs), it also
+ * It marks the server port of a socket that splices, at every look. With
+ * max_backlog set (datapath.Maintainer, which the daemon runs), it also
  * puts connections back on TCP (refuse):
  *   - backpressure: tcp_bpf queues redirected bytes without limit, so the
  *     connection of a socket with more than max_backlog waiting goes back to
@@ -16,9 +17,9 @@
  *     it has no file yet, and a client may turn blocking after connecting;
  *     here the file is known. A blocking server's port is remembered, so its
  *     later connections stay on TCP from the start;
- *   - splice readers (see splicewatch.c): a socket that splices gets its
- *     server port marked, and its connection goes back to TCP where that
- *     leaves no hole (turn_splicing_pair_to_tcp); one in `aborts`
+ *   - splice readers (see splicewatch.c): a splice reader's connection goes
+ *     back to TCP where that leaves no hole (turn_splicing_pair_to_tcp); one
+ *     in `aborts`
  *     (datapath.Maintainer puts a splice reader there whose redirected
  *     bytes nobody reads) has its connection aborted, so that both
  *     applications get an error instead of waiting forever for bytes that
@@ -102,7 +103,8 @@ struct {
 
 /* A connection with a splice reader (the splice watch records one) goes
  * back to TCP wherever that leaves no hole, so that the upkeep can release
- * the pair instead of leaving it in sock_hash for good:
+ * the pair instead of leaving it in sock_hash for good (with max_backlog
+ * set, as this changes how sockets send):
  *   - a peer that has sent nothing yet declines here, as its first message
  *     would (redirect.c, connection_refused): splice reads over TCP what it
  *     sends. The swap leaves a decision made meanwhile alone;
@@ -114,16 +116,17 @@ struct {
  *     FIONREAD some kernels get wrong. */
 static __always_inline void turn_splicing_pair_to_tcp(struct sock_state *st, struct sock_key *own)
 {
-	__u32 *peer_refusal;
+	__u32 *peer_refusal = bpf_map_lookup_elem(&refusals, &st->peer);
+	int peer_splices = peer_refusal && *peer_refusal == REFUSED_SPLICE;
 
 	if (bpf_map_lookup_elem(&stop_redirecting, own)) {
-		st->mode = MODE_PASS;
+		/* Chosen from the last check's reports: not if its peer has
+		 * begun to splice since. */
+		if (!peer_splices)
+			st->mode = MODE_PASS;
 		bpf_map_delete_elem(&stop_redirecting, own);
-		return;
 	}
-	peer_refusal = bpf_map_lookup_elem(&refusals, &st->peer);
-	if (peer_refusal && *peer_refusal == REFUSED_SPLICE &&
-	    __sync_val_compare_and_swap(&st->mode, MODE_UNDECIDED, MODE_PASS) == MODE_UNDECIDED)
+	if (peer_splices && __sync_val_compare_and_swap(&st->mode, MODE_UNDECIDED, MODE_PASS) == MODE_UNDECIDED)
 		count(COUNTER_PAIRS_DECLINED, 1);
 }
 

@@ -28,9 +28,9 @@ static __always_inline int withdraw(struct sock_state *st)
 	return stage && advance_pending(&own, stage, PENDING_CLIENT, PENDING_DECLINED);
 }
 
-/* Leaves a socket on the normal path for good. (A sk_msg program may not
- * delete from a sockhash, so unless its peer's handshake takes it out, this
- * socket stays there until it closes; nothing is ever redirected to it.) */
+/* Leaves a socket's sends on the normal path for good. (A sk_msg program
+ * may not delete from a sockhash: its peer's handshake takes it out, or the
+ * upkeep releases the pair once neither redirects.) */
 static __always_inline void decline(struct sock_state *st)
 {
 	withdraw(st);
@@ -93,8 +93,9 @@ int sockredir_redirect(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st)
 		goto pass;
-	/* Read once: the guards and the upkeep's inspector set it to
-	 * MODE_PASS from other CPUs, and a message must act on one value. */
+	/* Read once: the guards, the setsockopt program and the upkeep's
+	 * inspector set it to MODE_PASS from other CPUs, and a message must
+	 * act on one value. */
 	mode = *(volatile __u32 *)&st->mode;
 	if (mode == MODE_PASS)
 		goto pass;

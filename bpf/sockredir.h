@@ -360,13 +360,20 @@ static __always_inline __u32 *get_refusal_gen(void)
 
 /* Records that the socket with key own refuses redirected bytes, unless it
  * did already; returns whether this is new. Senders notice at their next
- * message, through refusal_gen. */
+ * message, through refusal_gen. A splice replaces an earlier reason: its
+ * peer sends over TCP already, but what was redirected before waits where
+ * splice can't read it, and the upkeep aborts only a splice reader whose
+ * queue nobody reads (datapath.Maintainer). */
 static __always_inline int record_refusal(struct sock_key *own, __u32 why)
 {
+	__u32 *seen = bpf_map_lookup_elem(&refusals, own);
 	__u32 *gen;
 
-	if (bpf_map_lookup_elem(&refusals, own))
+	if (seen) {
+		if (why == REFUSED_SPLICE)
+			*seen = why;
 		return 0;
+	}
 	bpf_map_update_elem(&refusals, own, &why, BPF_ANY);
 	gen = get_refusal_gen();
 	if (gen)
@@ -461,17 +468,28 @@ static __always_inline int still_watched(struct sock_state *st, __u64 cookie)
 	return 0;
 }
 
+/* Whether the socket with state st redirects to a peer that splices: it
+ * goes on doing so (see connection_refused in redirect.c), because splice
+ * would read what it sent over TCP ahead of what it redirected, a hole. */
+static __always_inline int redirects_to_splicer(struct sock_state *st)
+{
+	__u32 *why = bpf_map_lookup_elem(&refusals, &st->peer);
+
+	return st->mode == MODE_REDIRECT && why && *why == REFUSED_SPLICE;
+}
+
 /* Puts the connection of the socket with state st back on TCP, both ways:
  * its peer sends over TCP from its next message on (it finds the refusal),
- * and so does this socket. Once both queues are read, `sockredir daemon`
- * takes the two sockets out of sock_hash (datapath.Maintainer), and they are
- * plain TCP sockets again. A probation socket is on TCP already: its server
- * port stays there. */
+ * and so does this socket, unless it redirects to a splice reader. Once
+ * both queues are read, `sockredir daemon` takes the two sockets out of
+ * sock_hash (datapath.Maintainer), and they are plain TCP sockets again. A
+ * probation socket is on TCP already: its server port stays there. */
 static __always_inline void refuse(struct sock_state *st, __u32 why)
 {
 	struct sock_key own;
 
-	st->mode = MODE_PASS;
+	if (!redirects_to_splicer(st))
+		st->mode = MODE_PASS;
 	mirror_key(&st->peer, &own);
 	if ((st->flags & SOCK_PROBATION) || record_refusal(&own, why))
 		mark_server_port(st, &own, why);

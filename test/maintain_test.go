@@ -165,6 +165,40 @@ func TestSplicingConnectionLeavesTheMap(t *testing.T) {
 	}
 }
 
+// A splice reader whose connection went back to TCP for another reason
+// (here SO_RCVLOWAT) can't read what was redirected to it before. Where the
+// splice guard can't load, the upkeep aborts it as it does any splice
+// reader whose queue nobody reads: an error, not a stream with a hole that
+// ends cleanly. Where the guard loads, splice fails and the reader reads
+// everything, as over plain TCP.
+func TestSpliceAfterARefusal(t *testing.T) {
+	for _, accelerated := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "sockredir"}[accelerated], func(t *testing.T) {
+			e := harness.New(t)
+			guarded := true
+			if accelerated {
+				e.Up(datapath.Config{})
+				defer runMaintainer(t, e, 0, false)()
+				guarded = e.Status().SpliceGuard
+			}
+			var r harness.CaseResult
+			e.Run(harness.Scenario{Case: &harness.Case{Name: "rcvlowat-then-splice", Bytes: 64 << 10}}, &r)
+			got := r.Received["server"]
+			if guarded {
+				if !got.Intact() || r.Errors["server"] != "" {
+					t.Errorf("the reader read %d of %d bytes intact=%v (error %q), want all of them",
+						got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
+				}
+				return
+			}
+			if got.Intact() || r.Errors["server"] == "" {
+				t.Errorf("the reader read %d of %d bytes intact=%v and ended with error %q; "+
+					"without the splice guard, want the connection aborted", got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
+			}
+		})
+	}
+}
+
 // refusalsLeft counts the entries of e's refusals map.
 func refusalsLeft(t *testing.T, e *harness.Env) int {
 	t.Helper()

@@ -232,8 +232,9 @@ func (m *Maintainer) Check() (CheckResult, error) {
 }
 
 // stopSplicers tells the inspector which splice readers are to send over
-// TCP from its next look on (splicersToStop). Those the last check told
-// and that are still there are gone: the inspector deletes what it did.
+// TCP from its next look on (splicersToStop). It first deletes what the
+// last check told: the inspector deletes each entry it acts on, so any
+// left belong to sockets that closed.
 func (m *Maintainer) stopSplicers(reports map[sockopsSockKey]socketReport) error {
 	for _, key := range m.stopping {
 		if err := m.inspector.objs.StopRedirecting.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -262,7 +263,9 @@ func splicersToStop(reports map[sockopsSockKey]socketReport) []sockopsSockKey {
 		}
 		var peerKey sockopsSockKey
 		mirrorKey(&key, &peerKey)
-		if peer, ok := reports[peerKey]; ok && peer.Mode == modePass && peer.Refused != refusedSplice {
+		// Unread: the peer may yet begin to splice while bytes this
+		// socket redirected wait for it (the inspector looks again).
+		if peer, ok := reports[peerKey]; ok && peer.Mode == modePass && peer.Refused != refusedSplice && peer.Unread == 0 {
 			stop = append(stop, key)
 		}
 	}
@@ -353,9 +356,10 @@ func abandonedQueues(watched map[sockopsSockKey]unreadSince, reports map[sockops
 // nothing redirected is left to read; only for the lower of the two keys, so
 // that each pair is handled once. A socket won't redirect again once it
 // passes, or once either socket refused: its next message finds the
-// refusal. A socket that splices is no refusal: a peer that redirected to
-// it goes on (see bpf/splicewatch.c); otherwise both come to pass
-// (splicersToStop) and are released like any such pair. (A socket is never in the map without its
+// refusal. A socket that splices is no refusal, and a socket that redirects
+// to it goes on whatever it refused itself (see bpf/splicewatch.c): a pair
+// whose peer had sent nothing comes to pass both ways (splicersToStop) and
+// is released like any such pair. (A socket is never in the map without its
 // peer for longer than a handshake: sock_ops takes a client out again when
 // its server stays out.)
 func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {
@@ -366,10 +370,20 @@ func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]
 		return nil
 	}
 	refused := func(r socketReport) bool { return r.Refused != 0 && r.Refused != refusedSplice }
+	if redirectsToSplicer(r, peer) || redirectsToSplicer(peer, r) {
+		return nil
+	}
 	if !refused(r) && !refused(peer) && (r.Mode != modePass || peer.Mode != modePass) {
 		return nil
 	}
 	return []sockopsSockKey{key, peerKey}
+}
+
+// redirectsToSplicer reports whether the socket with report r redirects to
+// its peer's (peer), a splice reader: it does so for good (see refuse in
+// bpf/sockredir.h), so the pair is never settled.
+func redirectsToSplicer(r, peer socketReport) bool {
+	return r.Mode != modePass && peer.Refused == refusedSplice
 }
 
 // WarnAbout logs what a check did that needs people's attention: its error,

@@ -40,6 +40,7 @@ func TestSettledWith(t *testing.T) {
 		// the socket's next message, which then passes.
 		{"the redirecting socket refused itself", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, higher, 2},
 		{"the peer redirects to a splice reader", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Refused: refusedSplice}, higher: {Mode: 1}}, lower, none, 0},
+		{"the peer refused, but redirects to a splice reader", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Refused: refusedSplice}, higher: {Mode: 1}}, lower, higher, 0},
 		{"both redirect, neither refused", map[sockopsSockKey]socketReport{lower: {Mode: 1}, higher: {Mode: 1}}, lower, none, 0},
 		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, none, 0},
 		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, none, 0},
@@ -98,6 +99,7 @@ func TestSplicersToStop(t *testing.T) {
 		want    []sockopsSockKey
 	}{
 		{"the peer passes", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: modePass}}, []sockopsSockKey{splicer}},
+		{"the peer passes, with bytes waiting", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: modePass, Unread: 10}}, nil},
 		{"the peer hasn't decided", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: 0}}, nil},
 		{"the peer redirects", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: 1}}, nil},
 		{"the peer splices too", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: splicing(modePass)}, nil},

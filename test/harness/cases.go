@@ -87,6 +87,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"abortive-close":               withPair(abortiveClose),
 	"epoll-level-rdhup":            withPair(epollLevelRDHUP),
 	"rcvlowat-then-fionread":       withPair(rcvlowatThenFIONREAD),
+	"rcvlowat-then-splice":         withPair(rcvlowatThenSplice),
 	"reply-then-fionread":          withPair(replyThenFIONREAD),
 	"blocking-server-twice":        blockingServerTwice,
 	"connect-time":                 connectTime,
@@ -1060,6 +1061,45 @@ func rcvlowatThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, err
 	res.Values["fionread"] = n
 	if _, err := io.ReadFull(server, make([]byte, c.Bytes)); err != nil {
 		res.Errors["read"] = err.Error()
+	}
+	return res, nil
+}
+
+// rcvlowatThenSplice: the server sets SO_RCVLOWAT while the client's first
+// c.Bytes wait for it (an accelerated connection goes back to TCP), the
+// client sends c.Bytes more and stays connected for two seconds, and the
+// server reads to the end with splice (read(2) once splice fails with
+// EINVAL).
+func rcvlowatThenSplice(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	const seed = 64
+	res := newResult()
+	stream := rand.NewChaCha8(seedBytes(seed))
+	if _, err := io.CopyN(client, stream, c.Bytes); err != nil {
+		return nil, err
+	}
+	if err := waitReadable(server, 5*time.Second); err != nil {
+		return nil, err
+	}
+	var lowatErr error
+	if err := control(server, func(fd int) {
+		lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 2)
+	}); err != nil || lowatErr != nil {
+		return nil, errors.Join(err, lowatErr)
+	}
+	written := make(chan error, 1)
+	go func() {
+		_, err := io.CopyN(client, stream, c.Bytes)
+		time.Sleep(2 * time.Second) // longer than the upkeep leaves a splice reader's queue unread
+		written <- errors.Join(err, client.CloseWrite())
+	}()
+	got, fellBack, err := spliceRead(server, syscallSplice, -1)
+	res.Received["server"] = Checked{got, seed, 2 * c.Bytes}
+	res.Values["read fallback"] = int64(fellBack)
+	if err != nil {
+		res.Errors["server"] = err.Error()
+	}
+	if err := <-written; err != nil {
+		res.Errors["client"] = err.Error()
 	}
 	return res, nil
 }
