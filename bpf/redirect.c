@@ -45,9 +45,10 @@ static __always_inline void decline(struct sock_state *st)
  * its stream, so its peer goes on redirecting (see splicewatch.c). A peer
  * that hasn't sent yet has nothing waiting there, and sends over TCP, which
  * splice reads. When it is this socket that splices, its server port is
- * marked here, where its state is at hand. (This socket's other refusals set
- * its mode already: see refuse.) mode is this socket's, as the message
- * found it. Looks only when some socket refused since this one last
+ * marked here, where its state is at hand. This socket's other refusals set
+ * its mode already (refuse), except where it redirects to a splice reader:
+ * it goes on then, even should the reader's refusal have fallen out of the
+ * LRU map. mode is this socket's, as the message found it. Looks only when some socket refused since this one last
  * looked. */
 static __always_inline int connection_refused(struct sock_state *st, __u32 mode)
 {
@@ -65,7 +66,7 @@ static __always_inline int connection_refused(struct sock_state *st, __u32 mode)
 	if (!why)
 		return 0;
 	if (*why != REFUSED_SPLICE)
-		return 1;
+		return mode == MODE_UNDECIDED;
 	mark_server_port(st, &own, REFUSED_SPLICE);
 	return 0;
 }

@@ -266,9 +266,10 @@ struct {
 /* Sockets that refused redirected bytes, by their own key, and why. A
  * socket refuses when it starts to read in a way that tcp_bpf gets wrong, or
  * falls behind; its peer then sends over TCP from its next message on. That
- * is safe at any point: the receiver reads what was redirected before what
- * comes over TCP. LRU: keys name one connection each, so stale entries only
- * take space. */
+ * is safe at any point, since the receiver reads what was redirected before
+ * what comes over TCP, except for a splice reader (REFUSED_SPLICE): see
+ * connection_refused in redirect.c. LRU: keys name one connection each, so
+ * stale entries only take space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -360,17 +361,18 @@ static __always_inline __u32 *get_refusal_gen(void)
 
 /* Records that the socket with key own refuses redirected bytes, unless it
  * did already; returns whether this is new. Senders notice at their next
- * message, through refusal_gen. A splice replaces an earlier reason: its
- * peer sends over TCP already, but what was redirected before waits where
- * splice can't read it, and the upkeep aborts only a splice reader whose
- * queue nobody reads (datapath.Maintainer). */
+ * message, through refusal_gen. A splice replaces an earlier reason: what
+ * was redirected before waits where splice can't read it, and the upkeep
+ * aborts only a splice reader whose queue nobody reads
+ * (datapath.Maintainer); a peer that hasn't looked yet goes on redirecting
+ * rather than leave a hole (redirect.c, connection_refused). */
 static __always_inline int record_refusal(struct sock_key *own, __u32 why)
 {
 	__u32 *seen = bpf_map_lookup_elem(&refusals, own);
 	__u32 *gen;
 
 	if (seen) {
-		if (why == REFUSED_SPLICE)
+		if (why == REFUSED_SPLICE && *seen != why)
 			*seen = why;
 		return 0;
 	}

@@ -149,8 +149,10 @@ static __always_inline void watch(struct sock *sk)
 	if (!sk)
 		return;
 	if (sock_hash_key(sk, &key)) {
-		if (record_refusal(&key, REFUSED_SPLICE))
-			mark_cleared_server_port(&key);
+		/* Marked also when an earlier refusal was there: a
+		 * splice replaces it. */
+		record_refusal(&key, REFUSED_SPLICE);
+		mark_cleared_server_port(&key);
 		return;
 	}
 	cookie = BPF_CORE_READ((struct sock_common *)sk, skc_cookie.counter);

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/test/harness"
@@ -181,6 +182,9 @@ func TestSpliceAfterARefusal(t *testing.T) {
 				defer runMaintainer(t, e, 0, false)()
 				guarded = e.Status().SpliceGuard
 			}
+			if !guarded {
+				requireAborts(t)
+			}
 			var r harness.CaseResult
 			e.Run(harness.Scenario{Case: &harness.Case{Name: "rcvlowat-then-splice", Bytes: 64 << 10}}, &r)
 			got := r.Received["server"]
@@ -196,6 +200,56 @@ func TestSpliceAfterARefusal(t *testing.T) {
 					"without the splice guard, want the connection aborted", got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
 			}
 		})
+	}
+}
+
+// A socket that redirected to a splice reader keeps doing so when it
+// refuses redirected bytes itself (here SO_RCVLOWAT): its bytes over TCP
+// would reach splice ahead of those it redirected, a hole. Where the splice
+// guard can't load, the reader, which can't read what was redirected, is
+// aborted having read a prefix of the stream (nothing, here); where it
+// loads, the reader reads everything.
+func TestRefusalToASpliceReader(t *testing.T) {
+	const size = 64 << 10
+	for _, accelerated := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "sockredir"}[accelerated], func(t *testing.T) {
+			e := harness.New(t)
+			guarded := true
+			if accelerated {
+				e.Up(datapath.Config{})
+				defer runMaintainer(t, e, 0, false)()
+				guarded = e.Status().SpliceGuard
+			}
+			if !guarded {
+				requireAborts(t)
+			}
+			var r harness.CaseResult
+			e.Run(harness.Scenario{Case: &harness.Case{Name: "refusal-to-splice-reader", Bytes: size}}, &r)
+			received, prefix := r.Values["received"], r.Values["prefix_matches"] == 1
+			switch {
+			case !prefix:
+				t.Errorf("the splice reader read %d bytes with a hole in them", received)
+			case guarded && (received != 2*size || r.Errors["server"] != ""):
+				t.Errorf("the reader read %d of %d bytes (error %q), want all of them", received, 2*size, r.Errors["server"])
+			case !guarded && r.Errors["server"] == "":
+				t.Errorf("the splice reader read %d of %d bytes and saw no error; want its connection aborted", received, 2*size)
+			}
+		})
+	}
+}
+
+// requireAborts skips t where the upkeep can't abort a connection
+// (bpf_sock_destroy, 6.5 and later): there such a splice reader waits for
+// its peer to close (docs/correctness.md).
+func requireAborts(t *testing.T) {
+	t.Helper()
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fn *btf.Func
+	if err := spec.TypeByName("bpf_sock_destroy", &fn); err != nil {
+		t.Skipf("this kernel has no bpf_sock_destroy: %v", err)
 	}
 }
 

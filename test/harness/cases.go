@@ -88,6 +88,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"epoll-level-rdhup":            withPair(epollLevelRDHUP),
 	"rcvlowat-then-fionread":       withPair(rcvlowatThenFIONREAD),
 	"rcvlowat-then-splice":         withPair(rcvlowatThenSplice),
+	"refusal-to-splice-reader":     withPair(refusalToSpliceReader),
 	"reply-then-fionread":          withPair(replyThenFIONREAD),
 	"blocking-server-twice":        blockingServerTwice,
 	"connect-time":                 connectTime,
@@ -674,7 +675,7 @@ func spliceThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, error
 		}
 		written <- err
 	}()
-	got, fellBack, err := spliceRead(client, syscallSplice, c.Bytes)
+	got, fellBack, err := spliceRead(client, syscallSplice, c.Bytes, io.Discard)
 	close(firstRead)
 	res.Received["client"] = Checked{got, seed, c.Bytes}
 	res.Values["read fallback"] = int64(fellBack)
@@ -724,20 +725,22 @@ func syscallSplice(c *net.TCPConn, w, n int) (int64, error) {
 // spliceAll reads c to EOF with splice through a pipe, or with read(2)
 // once splice fails with EINVAL (fellBack 1).
 func spliceAll(c *net.TCPConn, splice splicer) (got Received, fellBack int, err error) {
-	return spliceRead(c, splice, -1)
+	return spliceRead(c, splice, -1, io.Discard)
 }
 
-// spliceRead reads n bytes of c (to EOF if n < 0) as spliceAll does.
-func spliceRead(c *net.TCPConn, splice splicer, n int64) (got Received, fellBack int, err error) {
+// spliceRead reads n bytes of c (to EOF if n < 0) as spliceAll does,
+// copying them to sink.
+func spliceRead(c *net.TCPConn, splice splicer, n int64, sink io.Writer) (got Received, fellBack int, err error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 		return got, 0, err
 	}
 	defer unix.Close(p[0])
 	defer unix.Close(p[1])
-	h := sha256.New()
+	hash := sha256.New()
+	h := io.MultiWriter(hash, sink)
 	buf := make([]byte, 64<<10)
-	defer func() { got.SHA256 = hex.EncodeToString(h.Sum(nil)) }()
+	defer func() { got.SHA256 = hex.EncodeToString(hash.Sum(nil)) }()
 	want := func() int {
 		if n < 0 {
 			return len(buf)
@@ -1092,7 +1095,7 @@ func rcvlowatThenSplice(c Case, client, server *net.TCPConn) (*CaseResult, error
 		time.Sleep(2 * time.Second) // longer than the upkeep leaves a splice reader's queue unread
 		written <- errors.Join(err, client.CloseWrite())
 	}()
-	got, fellBack, err := spliceRead(server, syscallSplice, -1)
+	got, fellBack, err := spliceRead(server, syscallSplice, -1, io.Discard)
 	res.Received["server"] = Checked{got, seed, 2 * c.Bytes}
 	res.Values["read fallback"] = int64(fellBack)
 	if err != nil {
@@ -1100,6 +1103,50 @@ func rcvlowatThenSplice(c Case, client, server *net.TCPConn) (*CaseResult, error
 	}
 	if err := <-written; err != nil {
 		res.Errors["client"] = err.Error()
+	}
+	return res, nil
+}
+
+// refusalToSpliceReader: the client's first c.Bytes wait for the server,
+// which then begins to splice; the client sets SO_RCVLOWAT (its own reads
+// would go back to TCP), sends c.Bytes more and stays connected for two
+// seconds. Values: received, and prefix_matches 1 if what the server read,
+// however it ended, is the start of what was sent: a hole never is.
+func refusalToSpliceReader(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	res := newResult()
+	sent := make([]byte, 2*c.Bytes)
+	rand.NewChaCha8(seedBytes(65)).Read(sent)
+	if _, err := client.Write(sent[:c.Bytes]); err != nil {
+		return nil, err
+	}
+	if err := waitReadable(server, 5*time.Second); err != nil {
+		return nil, err
+	}
+	var read bytes.Buffer
+	readErr := make(chan error, 1)
+	go func() {
+		_, fellBack, err := spliceRead(server, syscallSplice, -1, &read)
+		res.Values["read fallback"] = int64(fellBack)
+		readErr <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the server splices
+	var lowatErr error
+	if err := control(client, func(fd int) {
+		lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 2)
+	}); err != nil || lowatErr != nil {
+		return nil, errors.Join(err, lowatErr)
+	}
+	_, err := client.Write(sent[c.Bytes:])
+	time.Sleep(2 * time.Second) // longer than the upkeep leaves a splice reader's queue unread
+	if err := errors.Join(err, client.CloseWrite()); err != nil {
+		res.Errors["client"] = err.Error()
+	}
+	if err := <-readErr; err != nil {
+		res.Errors["server"] = err.Error()
+	}
+	res.Values["received"] = int64(read.Len())
+	if bytes.HasPrefix(sent, read.Bytes()) {
+		res.Values["prefix_matches"] = 1
 	}
 	return res, nil
 }
