@@ -18,12 +18,11 @@
  *     here the file is known. A blocking server's port is remembered, so its
  *     later connections stay on TCP from the start;
  *   - splice readers (see splicewatch.c): a splice reader's connection goes
- *     back to TCP where that leaves no hole (turn_splicing_pair_to_tcp); one
- *     in `aborts`
- *     (datapath.Maintainer puts a splice reader there whose redirected
- *     bytes nobody reads) has its connection aborted, so that both
- *     applications get an error instead of waiting forever for bytes that
- *     splice(2) can't see;
+ *     back to TCP where that leaves no hole (turn_splicing_pair_to_tcp);
+ *     one in `aborts` (datapath.Maintainer puts a splice reader there whose
+ *     redirected bytes nobody reads) has its connection aborted, so that
+ *     both applications get an error instead of waiting forever for bytes
+ *     that splice(2) can't see;
  *   - probation (sockops.c): see look_at_probation. */
 #include "sockredir.h"
 #include <bpf/bpf_core_read.h>

@@ -48,8 +48,8 @@ static __always_inline void decline(struct sock_state *st)
  * marked here, where its state is at hand. This socket's other refusals set
  * its mode already (refuse), except where it redirects to a splice reader:
  * it goes on then, even should the reader's refusal have fallen out of the
- * LRU map. mode is this socket's, as the message found it. Looks only when some socket refused since this one last
- * looked. */
+ * LRU map. mode is this socket's, as the message found it. Looks only when
+ * some socket refused since this one last looked. */
 static __always_inline int connection_refused(struct sock_state *st, __u32 mode)
 {
 	__u32 *gen = get_refusal_gen(), *why;

@@ -415,10 +415,10 @@ static __always_inline void add_active(struct bpf_sock_ops *skops, struct settin
 	}
 }
 
-/* The server's half of the pairing, given the client's pending entry (its
- * key client, its value at stage). The
- * server inserts itself and then claims the entry; a client whose first
- * message finds no server claims it the other way (redirect.c, withdraw). So
+/* The server's half of the pairing, given the client's pending entry: its
+ * key client, its value at stage. The server inserts itself and then claims
+ * the entry; a client whose first message finds no server claims it the
+ * other way (redirect.c, withdraw). So
  * either that client finds the server in sock_hash when it looks again, or
  * the server finds the withdrawal and leaves before its application can have
  * used the socket: never both in the map with the client on TCP. */
