@@ -173,34 +173,22 @@ func TestSplicingConnectionLeavesTheMap(t *testing.T) {
 // ends cleanly. Where the guard loads, splice fails and the reader reads
 // everything, as over plain TCP.
 func TestSpliceAfterARefusal(t *testing.T) {
-	for _, accelerated := range []bool{false, true} {
-		t.Run(map[bool]string{false: "plain", true: "sockredir"}[accelerated], func(t *testing.T) {
-			e := harness.New(t)
-			guarded := true
-			if accelerated {
-				e.Up(datapath.Config{})
-				defer runMaintainer(t, e, 0, false)()
-				guarded = e.Status().SpliceGuard
+	splicerPlainAndUpkept(t, func(t *testing.T, e *harness.Env, guarded bool) {
+		var r harness.CaseResult
+		e.Run(harness.Scenario{Case: &harness.Case{Name: "rcvlowat-then-splice", Bytes: 64 << 10}}, &r)
+		got := r.Received["server"]
+		if guarded {
+			if !got.Intact() || r.Errors["server"] != "" {
+				t.Errorf("the reader read %d of %d bytes intact=%v (error %q), want all of them",
+					got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
 			}
-			if !guarded {
-				requireAborts(t)
-			}
-			var r harness.CaseResult
-			e.Run(harness.Scenario{Case: &harness.Case{Name: "rcvlowat-then-splice", Bytes: 64 << 10}}, &r)
-			got := r.Received["server"]
-			if guarded {
-				if !got.Intact() || r.Errors["server"] != "" {
-					t.Errorf("the reader read %d of %d bytes intact=%v (error %q), want all of them",
-						got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
-				}
-				return
-			}
-			if got.Intact() || r.Errors["server"] == "" {
-				t.Errorf("the reader read %d of %d bytes intact=%v and ended with error %q; "+
-					"without the splice guard, want the connection aborted", got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
-			}
-		})
-	}
+			return
+		}
+		if got.Intact() || r.Errors["server"] == "" {
+			t.Errorf("the reader read %d of %d bytes intact=%v and ended with error %q; "+
+				"without the splice guard, want the connection aborted", got.Bytes, got.WantSize, got.Intact(), r.Errors["server"])
+		}
+	})
 }
 
 // A socket that redirected to a splice reader keeps doing so when it
@@ -211,6 +199,26 @@ func TestSpliceAfterARefusal(t *testing.T) {
 // loads, the reader reads everything.
 func TestRefusalToASpliceReader(t *testing.T) {
 	const size = 64 << 10
+	splicerPlainAndUpkept(t, func(t *testing.T, e *harness.Env, guarded bool) {
+		var r harness.CaseResult
+		e.Run(harness.Scenario{Case: &harness.Case{Name: "refusal-to-splice-reader", Bytes: size}}, &r)
+		received, prefix := r.Values["received"], r.Values["prefix_matches"] == 1
+		switch {
+		case !prefix:
+			t.Errorf("the splice reader read %d bytes with a hole in them", received)
+		case guarded && (received != 2*size || r.Errors["server"] != ""):
+			t.Errorf("the reader read %d of %d bytes (error %q), want all of them", received, 2*size, r.Errors["server"])
+		case !guarded && r.Errors["server"] == "":
+			t.Errorf("the splice reader read %d of %d bytes and saw no error; want its connection aborted", received, 2*size)
+		}
+	})
+}
+
+// splicerPlainAndUpkept runs test over plain TCP and with sockredir and
+// its upkeep. guarded says whether splice reads are safe there: over plain
+// TCP, or where the splice guard loads; elsewhere, the upkeep must be able
+// to abort a splice reader's connection (requireAborts).
+func splicerPlainAndUpkept(t *testing.T, test func(t *testing.T, e *harness.Env, guarded bool)) {
 	for _, accelerated := range []bool{false, true} {
 		t.Run(map[bool]string{false: "plain", true: "sockredir"}[accelerated], func(t *testing.T) {
 			e := harness.New(t)
@@ -223,17 +231,7 @@ func TestRefusalToASpliceReader(t *testing.T) {
 			if !guarded {
 				requireAborts(t)
 			}
-			var r harness.CaseResult
-			e.Run(harness.Scenario{Case: &harness.Case{Name: "refusal-to-splice-reader", Bytes: size}}, &r)
-			received, prefix := r.Values["received"], r.Values["prefix_matches"] == 1
-			switch {
-			case !prefix:
-				t.Errorf("the splice reader read %d bytes with a hole in them", received)
-			case guarded && (received != 2*size || r.Errors["server"] != ""):
-				t.Errorf("the reader read %d of %d bytes (error %q), want all of them", received, 2*size, r.Errors["server"])
-			case !guarded && r.Errors["server"] == "":
-				t.Errorf("the splice reader read %d of %d bytes and saw no error; want its connection aborted", received, 2*size)
-			}
+			test(t, e, guarded)
 		})
 	}
 }
