@@ -1047,11 +1047,8 @@ func rcvlowatThenFIONREAD(c Case, client, server *net.TCPConn) (*CaseResult, err
 	if _, err := io.ReadFull(server, make([]byte, 100)); err != nil {
 		return nil, err
 	}
-	var lowatErr error
-	if err := control(server, func(fd int) {
-		lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, int(c.Bytes))
-	}); err != nil || lowatErr != nil {
-		return nil, errors.Join(err, lowatErr)
+	if err := setRcvlowat(server, int(c.Bytes)); err != nil {
+		return nil, err
 	}
 	if _, err := client.Write(make([]byte, c.Bytes)); err != nil {
 		return nil, err
@@ -1083,11 +1080,8 @@ func rcvlowatThenSplice(c Case, client, server *net.TCPConn) (*CaseResult, error
 	if err := waitReadable(server, 5*time.Second); err != nil {
 		return nil, err
 	}
-	var lowatErr error
-	if err := control(server, func(fd int) {
-		lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 2)
-	}); err != nil || lowatErr != nil {
-		return nil, errors.Join(err, lowatErr)
+	if err := setRcvlowat(server, 2); err != nil {
+		return nil, err
 	}
 	written := make(chan error, 1)
 	go func() {
@@ -1130,11 +1124,8 @@ func refusalToSpliceReader(c Case, client, server *net.TCPConn) (*CaseResult, er
 		readErr <- err
 	}()
 	time.Sleep(200 * time.Millisecond) // the server splices
-	var lowatErr error
-	if err := control(client, func(fd int) {
-		lowatErr = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 2)
-	}); err != nil || lowatErr != nil {
-		return nil, errors.Join(err, lowatErr)
+	if err := setRcvlowat(client, 2); err != nil {
+		return nil, err
 	}
 	_, err := client.Write(sent[c.Bytes:])
 	time.Sleep(2 * time.Second) // longer than the upkeep leaves a splice reader's queue unread
@@ -1220,6 +1211,15 @@ func waitReadable(c *net.TCPConn, timeout time.Duration) error {
 	})
 	if err = errors.Join(err, perr); err == nil && n == 0 {
 		err = errors.New("not readable")
+	}
+	return err
+}
+
+// setRcvlowat sets SO_RCVLOWAT on c.
+func setRcvlowat(c *net.TCPConn, n int) error {
+	var err error
+	if cerr := control(c, func(fd int) { err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, n) }); cerr != nil {
+		return cerr
 	}
 	return err
 }
