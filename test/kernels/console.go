@@ -34,7 +34,7 @@ type consoleReport struct {
 	tests    []string // in order of first appearance
 	status   map[string]testStatus
 	// patchTrap: the kernel died of an int3 trap, as at a code patching
-	// site that qemu's TCG ran stale (see retryAfterPatchTrap).
+	// site that qemu's TCG ran stale (see whyBootAgain).
 	patchTrap bool
 }
 

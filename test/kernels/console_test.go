@@ -107,3 +107,31 @@ func TestParseConsolePatchTrap(t *testing.T) {
 		}
 	}
 }
+
+// Only a guest that ended without test results is booted again: one that
+// died or hung before its first test, or died of the TCG int3 trap.
+func TestWhyBootAgain(t *testing.T) {
+	const release = "SOCKREDIR-UNAME 6.1.0-57-cloud-amd64\n"
+	for _, c := range []struct {
+		console, result string
+		again           bool
+	}{
+		{"", "timeout after 15m0s", true},
+		{release, "timeout after 15m0s", true},
+		{"[ 2.2] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n", "no exit marker (guest crashed?)", true},
+		{release + "=== RUN   TestX\n[ 95.9] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n", "no exit marker (guest crashed?)", true},
+		{release + "=== RUN   TestX\n", "timeout after 15m0s", false},
+		{release + "=== RUN   TestX\n[ 12.0] BUG: kernel NULL pointer dereference\n", "no exit marker (guest crashed?)", false},
+		{"SOCKREDIR-SETUP-FAILED: insmod veth\nSOCKREDIR-EXIT 125\n", "VM setup failed", false},
+		{release + "SOCKREDIR-EXIT 143\n", "exit 143", false},
+		{release + "=== RUN   TestX\n--- PASS: TestX (0.00s)\nSOCKREDIR-EXIT 0\n", resultOK, false},
+	} {
+		report, err := parseConsole(strings.NewReader(c.console))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if why := report.whyBootAgain(c.result); (why != "") != c.again {
+			t.Errorf("whyBootAgain(%q) = %q for console\n%s", c.result, why, c.console)
+		}
+	}
+}

@@ -181,6 +181,11 @@ func run(opts *options) (ok bool, err error) {
 	m := newMatrix(columns)
 	fmt.Println()
 	m.writeText(os.Stdout)
+	for _, col := range columns {
+		if col.failed() {
+			printLogTail(col, failedTailLines)
+		}
+	}
 	if opts.jsonPath != "" {
 		if err := writeFile(opts.jsonPath, m.writeJSON); err != nil {
 			return false, err

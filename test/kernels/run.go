@@ -51,21 +51,33 @@ func runInVM(opts *options, pattern string) *column {
 	col.Name, col.Kernel = k.release, k.release
 	col.Log = filepath.Join(opts.logDir, k.release+".log")
 	col.Result = boot(k, opts, col)
+	if why := col.console.whyBootAgain(col.Result); why != "" {
+		bootAgain(k, opts, col, why)
+	}
+	return col
+}
+
+// whyBootAgain says why a run that ended with result did not produce
+// test results, so that the kernel deserves a second boot; "" if it did.
+func (r *consoleReport) whyBootAgain(result string) string {
 	switch {
-	case col.Result != resultOK && col.console.release == "":
-		// The guest died before /init ran the command: an emulated boot
-		// can fail under load. Once more, keeping the first console.
-		bootAgain(k, opts, col, "before the command started")
-	case !col.console.exited && col.console.patchTrap:
+	case result == resultOK || r.exited:
+		return ""
+	case len(r.tests) == 0:
+		// The guest died or hung before the first test started, before
+		// any of our code ran: an emulated boot can fail under load. Seen
+		// on 6.1 as a guest that printed its release and then nothing,
+		// not even when its own timeout should have fired.
+		return "before the first test started"
+	case r.patchTrap:
 		// The guest kernel died of an int3 trap, seen at
 		// bpf_lsm_file_permission+0x5 while BPF trampolines come and go:
 		// most likely the breakpoint that text_poke_bp puts in while it
 		// patches code, hit under qemu's TCG after the patching had
-		// finished, which a real CPU doesn't do (docs/kernels.md). Not a
-		// test result: once more, keeping the first console.
-		bootAgain(k, opts, col, "after an int3 trap at a code patching site")
+		// finished, which a real CPU doesn't do (docs/kernels.md).
+		return "after an int3 trap at a code patching site"
 	}
-	return col
+	return ""
 }
 
 // bootAgain boots k a second time, after the first boot ended as why says;
@@ -212,6 +224,23 @@ func finishColumn(col *column, start time.Time, outputShown bool) {
 	}
 	fmt.Printf("---- output of %s (%s) ----\n%s\n---- end of output of %s ----\n",
 		col.Name, col.Log, strings.TrimRight(string(console), "\n"), col.Name)
+}
+
+// failedTailLines is how much of a failed column's log is repeated after
+// the matrix: CI pages often show only the end of a long output.
+const failedTailLines = 40
+
+func printLogTail(col *column, lines int) {
+	if col.Log == "" {
+		return
+	}
+	log, err := os.ReadFile(col.Log)
+	if err != nil {
+		return
+	}
+	all := strings.Split(strings.TrimRight(string(log), "\n"), "\n")
+	fmt.Printf("\n---- %s (%s), last %d lines of %s ----\n%s\n",
+		col.Name, col.Result, lines, col.Log, strings.Join(all[max(0, len(all)-lines):], "\n"))
 }
 
 func hostRelease() string {
