@@ -6,8 +6,8 @@ BUILD   := build
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 # Each direction of each end-to-end connection carries this much inside the
-# emulated kernels, and the large-transfer test this much (the host runs use
-# the tests' defaults: 128 MiB and 4 GiB).
+# emulated kernels and in test-kernels' host column, and the large-transfer
+# test this much (test-host uses the tests' defaults: 128 MiB and 4 GiB).
 VM_TEST_BYTES ?= 8388608
 VM_LARGE_BYTES ?= 67108864
 

@@ -59,7 +59,7 @@ static __always_inline int to_abort(struct sock_key *key, __u64 unread)
 }
 
 /* 6.5 and later (a weak kfunc: NULL where missing). Where it is missing,
- * the Maintainer chooses no socket to abort (kernelHasSockDestroy). */
+ * the Maintainer chooses no socket to abort (canAbort). */
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym __weak;
 
 /* Whether the socket's application has it in blocking mode; not known (0)
