@@ -87,6 +87,48 @@ func TestPolicyReloadInPlace(t *testing.T) {
 	}
 }
 
+// A reload to a policy as large as the maps hold, with none of the old
+// entries in it, applies whole; one that can't fit fails and leaves the
+// policy in force as it was.
+func TestPolicyReloadFillsTheMaps(t *testing.T) {
+	e := harness.New(t)
+	excluding := func(first uint16) *policy.Policy {
+		p := &policy.Policy{}
+		for port := range uint16(policy.MaxPorts) {
+			p.Redirect.ExcludePorts = append(p.Redirect.ExcludePorts, first+port)
+		}
+		return p
+	}
+	e.Up(datapath.Config{Policy: excluding(20000)})
+	if res := e.Up(datapath.Config{Policy: excluding(30000)}); res != datapath.AlreadyUp {
+		t.Fatalf("up with a new policy: %s", res)
+	}
+	if c := transferOn(t, e, "127.0.0.1:30007", 1); c.SocketsAdded != 0 || c.PolicySkipped != 1 {
+		t.Errorf("a port the new policy excludes: %+v, want it skipped by the policy", c)
+	}
+	if c := transferOn(t, e, "127.0.0.1:20007", 2); c.SocketsAdded != 2 || c.BytesRedirected == 0 {
+		t.Errorf("a port only the old policy excluded: %+v, want it accelerated", c)
+	}
+
+	tooMany := excluding(40000)
+	tooMany.Redirect.ExcludePorts = append(tooMany.Redirect.ExcludePorts, 50000)
+	tooMany.Redirect.AccelerateNewPorts = true
+	var err error
+	e.Do(func() error {
+		_, err = datapath.Up(datapath.Config{Cgroup: e.Cgroup, PinDir: e.PinDir, Policy: tooMany})
+		return nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "at most 1024") {
+		t.Errorf("up with %d excluded ports: %v, want an error saying at most 1024 fit", policy.MaxPorts+1, err)
+	}
+	if c := transferOn(t, e, "127.0.0.1:30008", 3); c.SocketsAdded != 0 || c.PolicySkipped != 1 {
+		t.Errorf("after the failed reload, a port the policy in force excludes: %+v, want it still skipped", c)
+	}
+	if c := transferOn(t, e, "127.0.0.1:40008", 4); c.SocketsAdded != 2 {
+		t.Errorf("after the failed reload, a port only the failed policy excluded: %+v, want it accelerated", c)
+	}
+}
+
 // accelerate_blocking opts blocking clients in (iperf3, simple clients);
 // without it they stay on TCP.
 func TestPolicyAccelerateBlocking(t *testing.T) {

@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/sockredir/sockredir/pkg/policy"
 )
 
 // The Go mirrors of the BPF layouts must match the compiled objects.
@@ -29,6 +31,12 @@ func TestLayoutsMatchBPF(t *testing.T) {
 	}
 	if got, slots := len(c.counterFields()), int(spec.Maps["counters"].MaxEntries); got > slots {
 		t.Errorf("Counters has %d fields, the BPF counters map only %d entries", got, slots)
+	}
+	for name, limit := range map[string]int{"policy_ports": policy.MaxPorts, "policy_cidrs": policy.MaxCIDRs,
+		"tuning_rules": policy.MaxTuningRules} {
+		if entries := int(spec.Maps[name].MaxEntries); entries != limit {
+			t.Errorf("map %s holds %d entries, package policy allows %d", name, entries, limit)
+		}
 	}
 	if got, want := binary.Size(socketReport{}), binary.Size(sockopsSockKey{})+16; got != want {
 		t.Errorf("socketReport is %d bytes, want %d (struct socket_report)", got, want)

@@ -61,15 +61,21 @@ func writePolicy(o *objects, p *policy.Policy) (flags, rules uint32, err error) 
 	for _, port := range r.ExcludePorts { // exclusion wins
 		ports[port] = policyExclude
 	}
-	if err := replaceContents(o.sockops.PolicyPorts, ports); err != nil {
-		return 0, 0, fmt.Errorf("writing the port policy: %w", err)
-	}
 	cidrs := map[sockopsCidrKey]uint32{}
 	for _, c := range r.IncludeCIDRs {
 		cidrs[cidrKey(c)] = policyInclude
 	}
 	for _, c := range r.ExcludeCIDRs {
 		cidrs[cidrKey(c)] = policyExclude
+	}
+	// Both checked before either is written: a policy that can't be
+	// written leaves the one in force whole.
+	if len(ports) > policy.MaxPorts || len(cidrs) > policy.MaxCIDRs {
+		return 0, 0, fmt.Errorf("the policy names %d ports and %d CIDRs: at most %d and %d fit",
+			len(ports), len(cidrs), policy.MaxPorts, policy.MaxCIDRs)
+	}
+	if err := replaceContents(o.sockops.PolicyPorts, ports); err != nil {
+		return 0, 0, fmt.Errorf("writing the port policy: %w", err)
 	}
 	if err := replaceContents(o.sockops.PolicyCidrs, cidrs); err != nil {
 		return 0, 0, fmt.Errorf("writing the address policy: %w", err)
@@ -132,19 +138,40 @@ func cidrKey(p netip.Prefix) sockopsCidrKey {
 	return k
 }
 
-// replaceContents makes m hold exactly want. New entries go in before stale
-// ones go out, so a rule in both is never missing meanwhile.
+// replaceContents makes m hold exactly want. New entries go in before stale ones go out,
+// so that a rule in both is never missing meanwhile and a new exclusion
+// holds before an old one goes; only when the two don't fit together do the
+// stale ones go first.
 func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
+	stale, err := staleKeys(m, want)
+	if err != nil {
+		return err
+	}
+	if len(want)+len(stale) > int(m.MaxEntries()) {
+		if err := deleteKeys(m, stale); err != nil {
+			return err
+		}
+		stale = nil
+	}
 	for k, v := range want {
 		if err := m.Put(k, v); err != nil {
 			return err
 		}
 	}
-	return deleteStale(m, want)
+	return deleteKeys(m, stale)
 }
 
 // deleteStale deletes the entries of m that are not in want.
 func deleteStale[K comparable, V any](m *ebpf.Map, want map[K]V) error {
+	stale, err := staleKeys(m, want)
+	if err != nil {
+		return err
+	}
+	return deleteKeys(m, stale)
+}
+
+// staleKeys returns the keys of m that are not in want.
+func staleKeys[K comparable, V any](m *ebpf.Map, want map[K]V) ([]K, error) {
 	var (
 		key   K
 		value V
@@ -156,10 +183,11 @@ func deleteStale[K comparable, V any](m *ebpf.Map, want map[K]V) error {
 			stale = append(stale, key)
 		}
 	}
-	if err := it.Err(); err != nil {
-		return err
-	}
-	for _, k := range stale {
+	return stale, it.Err()
+}
+
+func deleteKeys[K any](m *ebpf.Map, keys []K) error {
+	for _, k := range keys {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return err
 		}

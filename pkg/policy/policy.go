@@ -16,8 +16,11 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// Limits of the BPF side (bpf/sockredir.h).
+// Limits of the BPF side (bpf/sockredir.h, and the policy maps of
+// bpf/sockops.c).
 const (
+	MaxPorts          = 1024 // include_ports and exclude_ports together
+	MaxCIDRs          = 1024 // include_cidrs and exclude_cidrs together
 	MaxTuningRules    = 16
 	MaxRulePorts      = 8
 	MaxRuleCIDRs      = 4
@@ -103,6 +106,13 @@ func Parse(data []byte) (*Policy, error) {
 
 func (p *Policy) validate(root *yaml.Node) error {
 	at := func(path ...any) int { return line(root, path...) }
+	r := p.Redirect
+	if n := len(r.IncludePorts) + len(r.ExcludePorts); n > MaxPorts {
+		return fmt.Errorf("line %d: redirect: %d ports in include_ports and exclude_ports, at most %d", at("redirect"), n, MaxPorts)
+	}
+	if n := len(r.IncludeCIDRs) + len(r.ExcludeCIDRs); n > MaxCIDRs {
+		return fmt.Errorf("line %d: redirect: %d CIDRs in include_cidrs and exclude_cidrs, at most %d", at("redirect"), n, MaxCIDRs)
+	}
 	if len(p.Tuning) > MaxTuningRules {
 		return fmt.Errorf("line %d: tuning: at most %d rules", at("tuning"), MaxTuningRules)
 	}

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -59,10 +60,23 @@ func TestParseErrors(t *testing.T) {
 		{"tuning:\n  - ports: [7100]\n", "line 2: tuning[0] sets nothing"},
 		{"tuning:\n  - ports: [1]\n    rcvbuf: -1\n", "line 3: cannot unmarshal !!int `-1` into uint32"},
 		{"redirect:\n  exclude_ports: [0]\n", "line 2: redirect.exclude_ports: port 0"},
+		{"redirect:\n  include_ports: [" + portList(1, 600) + "]\n  exclude_ports: [" + portList(601, 1025) + "]\n",
+			"line 2: redirect: 1025 ports in include_ports and exclude_ports, at most 1024"},
+		{"redirect:\n  exclude_cidrs: [" + strings.Repeat("10.0.0.0/8, ", 1025) + "]\n",
+			"line 2: redirect: 1025 CIDRs in include_cidrs and exclude_cidrs, at most 1024"},
 	} {
 		_, err := Parse([]byte(c.config))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%q: got %v, want an error containing %q", c.config, err, c.want)
 		}
 	}
+}
+
+// portList is "from, from+1, ..., to" for a YAML flow sequence.
+func portList(from, to int) string {
+	ports := make([]string, 0, to-from+1)
+	for p := from; p <= to; p++ {
+		ports = append(ports, strconv.Itoa(p))
+	}
+	return strings.Join(ports, ", ")
 }
