@@ -120,6 +120,28 @@ func TestCLIUpStatusDown(t *testing.T) {
 	}
 }
 
+// up again finds the datapath however its cgroup is written, and refuses a
+// map size it can't change, leaving the datapath as it was.
+func TestCLIUpAgain(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{MapSize: 4})
+	if r := runCLI(t, nil, "up", "--cgroup", e.Cgroup+"/", "--pin-dir", e.PinDir); r.code != 0 || !strings.Contains(r.stderr, "already up") {
+		t.Errorf("up with the cgroup written with a trailing slash: exit %d: %s", r.code, r.stderr)
+	}
+	up := exec.Command(sockredirBinary(t), "up", "--cgroup", filepath.Base(e.Cgroup), "--pin-dir", e.PinDir)
+	up.Dir = filepath.Dir(e.Cgroup)
+	if out, err := up.CombinedOutput(); err != nil || !strings.Contains(string(out), "already up") {
+		t.Errorf("up with the cgroup written relative to the working directory: %v: %s", err, out)
+	}
+	r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir, "--map-size", "8")
+	if r.code != 1 || !strings.Contains(r.stderr, "holds 4 sockets, not 8, and can't be resized") {
+		t.Errorf("up with another map size: exit %d, stderr %q: want exit 1 and that it can't be resized", r.code, r.stderr)
+	}
+	if st := e.Status(); !st.Up || st.MapSize != 4 || st.Cgroup != e.Cgroup {
+		t.Errorf("after the refused resize: up %v, map size %d, cgroup %s; want up, 4, %s", st.Up, st.MapSize, st.Cgroup, e.Cgroup)
+	}
+}
+
 // Bad input gets one clear line, exit status 1, and leaves nothing attached
 // or pinned.
 func TestCLIErrors(t *testing.T) {
@@ -152,6 +174,9 @@ func TestCLIErrors(t *testing.T) {
 		{"foreign pin dir", nil, []string{"up", "--cgroup", e.Cgroup}, foreign, "not sockredir's"},
 		{"not root", nobody, []string{"up", "--cgroup", e.Cgroup}, e.PinDir, "needs root"},
 		{"bad log format", nil, []string{"up", "--log-format", "xml", "--cgroup", e.Cgroup}, e.PinDir, "--log-format must be console or json"},
+		// Fails after up wrote its first pin: what it made must go again.
+		{"map too large", nil, []string{"up", "--cgroup", e.Cgroup, "--map-size", "4294967295"}, e.PinDir, "--map-size"},
+		{"negative drain timeout", nil, []string{"down", "--drain-timeout", "-1s"}, e.PinDir, "-1s is negative"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			r := runCLI(t, c.attr, append(c.args, "--pin-dir", c.pinDir)...)

@@ -337,6 +337,7 @@ func TestDaemonStartErrors(t *testing.T) {
 	}{
 		{"unreadable config", []string{"--config", "/nonexistent/sockredir.yaml"}, "reading config"},
 		{"bad metrics address", []string{"--metrics-addr", "256.0.0.1:1"}, "serving metrics"},
+		{"negative check interval", []string{"--check-interval", "-1s"}, "--check-interval -1s is negative"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			args := append([]string{"daemon", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir}, c.args...)

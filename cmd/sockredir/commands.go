@@ -38,7 +38,7 @@ func newUpCommand(log func() *zap.Logger) *cobra.Command {
 	cmd.Flags().StringVar(&configFile, "config", "", "YAML file with the redirect policy and tuning rules (see docs/policy.md)")
 	cmd.Flags().StringVar(&cfg.Cgroup, "cgroup", "", "cgroup v2 directory to accelerate (default: the root of the cgroup v2 hierarchy)")
 	cmd.Flags().StringVar(&cfg.PinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory for the pins")
-	cmd.Flags().Uint32Var(&cfg.MapSize, "map-size", datapath.DefaultMapSize, "sockets the sockhash holds (two per connection); more connections go the normal way")
+	cmd.Flags().Uint32Var(&cfg.MapSize, "map-size", 0, mapSizeUsage)
 	return cmd
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/signal"
 
@@ -12,6 +13,11 @@ import (
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/pkg/localaddr"
 )
+
+// mapSizeUsage explains --map-size of up and daemon: 0 keeps the size of a
+// datapath that is up.
+var mapSizeUsage = fmt.Sprintf("`sockets` the sockhash holds, two per connection; more connections go the normal way "+
+	"(default %d; a datapath that is up keeps its size)", datapath.DefaultMapSize)
 
 // maxBacklogUsage explains --max-backlog, which daemon and run share.
 const maxBacklogUsage = "redirected `bytes` a socket may have waiting before its connection goes on over TCP (0: four times the largest TCP receive buffer, net.ipv4.tcp_rmem)"
@@ -39,7 +45,7 @@ func newDaemonCommand(log func() *zap.Logger) *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&opts.Base.Cgroup, "cgroup", "", "cgroup v2 directory to accelerate (default: the root of the cgroup v2 hierarchy)")
 	f.StringVar(&opts.Base.PinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory for the pins")
-	f.Uint32Var(&opts.Base.MapSize, "map-size", datapath.DefaultMapSize, "sockets the sockhash holds (two per connection); more connections go the normal way")
+	f.Uint32Var(&opts.Base.MapSize, "map-size", 0, mapSizeUsage)
 	f.StringVar(&opts.ConfigFile, "config", "", "YAML file with the redirect policy and tuning rules (see docs/policy.md), read at start and on SIGHUP")
 	f.StringVar(&opts.MetricsAddr, "metrics-addr", "", "address to serve /metrics and /healthz on, e.g. 127.0.0.1:9494 (default: no metrics)")
 	f.BoolVar(&opts.DownOnExit, "down-on-exit", false, "take the datapath down when the daemon exits, instead of leaving it pinned")

@@ -59,6 +59,24 @@ type Options struct {
 	Log *zap.Logger
 }
 
+// checkDurations rejects negative durations before anything is attached:
+// a ticker would panic on them once the datapath is up.
+func (o Options) checkDurations() error {
+	for _, d := range []struct {
+		flag  string
+		value time.Duration
+	}{
+		{"--rescan-interval", o.Rescan},
+		{"--drain-timeout", o.DrainTimeout},
+		{"--check-interval", o.CheckInterval},
+	} {
+		if d.value < 0 {
+			return fmt.Errorf("%s %s is negative: pass a positive duration (0 means the default)", d.flag, d.value)
+		}
+	}
+	return nil
+}
+
 type daemon struct {
 	opts    Options
 	log     *zap.Logger
@@ -80,6 +98,9 @@ type daemon struct {
 // datapath can't be brought up at start, the metrics address can't be
 // served, or the local addresses can't be followed.
 func Run(ctx context.Context, opts Options) error {
+	if err := opts.checkDurations(); err != nil {
+		return err
+	}
 	d := &daemon{opts: opts, log: opts.Log, upkeep: metrics.NewUpkeep()}
 	if d.log == nil {
 		d.log = zap.NewNop()
@@ -211,14 +232,9 @@ func resolve(cfg datapath.Config) (datapath.Config, error) {
 	if cfg.PinDir == "" {
 		cfg.PinDir = datapath.DefaultPinDir
 	}
-	if cfg.Cgroup == "" {
-		root, err := hostfs.CgroupV2Mount()
-		if err != nil {
-			return cfg, err
-		}
-		cfg.Cgroup = root
-	}
-	return cfg, nil
+	cgroup, err := hostfs.ResolveCgroup(cfg.Cgroup)
+	cfg.Cgroup = cgroup
+	return cfg, err
 }
 
 func (d *daemon) up(cfg datapath.Config) error {

@@ -43,6 +43,10 @@ func Down(opts DownOptions) (bool, error) {
 	if opts.PinDir == "" {
 		opts.PinDir = DefaultPinDir
 	}
+	if opts.DrainTimeout < 0 {
+		return false, fmt.Errorf("drain timeout %s is negative: pass a positive --drain-timeout (0 means %s)",
+			opts.DrainTimeout, DefaultDrainTimeout)
+	}
 	if opts.DrainTimeout == 0 {
 		opts.DrainTimeout = DefaultDrainTimeout
 	}

@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
 
 	"github.com/cilium/ebpf"
 )
@@ -61,6 +62,17 @@ func loadObjects(mapSize uint32, reuse map[string]*ebpf.Map) (*objects, error) {
 		return nil, errors.New("the sockhash size must be at least 1")
 	}
 	sockopsSpec.Maps["sock_hash"].MaxEntries = mapSize
+	if reuse["sock_hash"] == nil {
+		// Made on its own, so that a size the kernel refuses is named.
+		sockHash, err := ebpf.NewMap(sockopsSpec.Maps["sock_hash"])
+		if err != nil {
+			return nil, fmt.Errorf("creating a sockhash of %d sockets: %w: choose a smaller --map-size", mapSize, err)
+		}
+		defer sockHash.Close() // the objects hold a clone
+		withSockHash := map[string]*ebpf.Map{"sock_hash": sockHash}
+		maps.Copy(withSockHash, reuse)
+		reuse = withSockHash
+	}
 
 	o := &objects{}
 	if err := loadWithMaps(sockopsSpec, &o.sockops, reuse); err != nil {

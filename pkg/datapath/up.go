@@ -21,7 +21,9 @@ type Config struct {
 	// PinDir holds the pins that keep the datapath attached after the
 	// loader exits; empty means DefaultPinDir.
 	PinDir string
-	// MapSize is how many sockets sock_hash holds; 0 means DefaultMapSize.
+	// MapSize is how many sockets sock_hash holds; 0 means DefaultMapSize
+	// for a new datapath and the size it has for one that is up. The size
+	// of a datapath that is up can't change.
 	MapSize uint32
 	// PassOnly pairs sockets as usual but sends every message over TCP,
 	// which measures what the hooks alone cost.
@@ -35,13 +37,11 @@ type Config struct {
 }
 
 func (c Config) withDefaults() (Config, error) {
-	if c.Cgroup == "" {
-		root, err := hostfs.CgroupV2Mount()
-		if err != nil {
-			return c, err
-		}
-		c.Cgroup = root
+	cgroup, err := hostfs.ResolveCgroup(c.Cgroup)
+	if err != nil {
+		return c, err
 	}
+	c.Cgroup = cgroup
 	if c.PinDir == "" {
 		c.PinDir = DefaultPinDir
 	}
@@ -69,6 +69,7 @@ const (
 // new build), it swaps them in place, keeping the maps and so every running
 // connection. On error, whatever this call created is removed again.
 func Up(cfg Config) (UpResult, error) {
+	requestedSize := cfg.MapSize
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return "", err
@@ -95,6 +96,10 @@ func Up(cfg Config) (UpResult, error) {
 	if meta != nil {
 		if err := compatible(meta, cfg); err != nil {
 			return "", err
+		}
+		if requestedSize != 0 && requestedSize != meta.MapSize {
+			return "", fmt.Errorf("the sockhash under %s holds %d sockets, not %d, and can't be resized while it is up: "+
+				"run `sockredir down --pin-dir %s`, then up with the new size", cfg.PinDir, meta.MapSize, requestedSize, cfg.PinDir)
 		}
 		cfg.MapSize = meta.MapSize
 	}

@@ -33,6 +33,17 @@ func CgroupV2Mount() (string, error) {
 		"mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1")
 }
 
+// ResolveCgroup returns the absolute, clean form of a cgroup path, or the
+// root of the cgroup v2 hierarchy for "". The datapath records its cgroup
+// and compares it later: "." or a trailing slash must not name another
+// cgroup, or the same one differently.
+func ResolveCgroup(path string) (string, error) {
+	if path == "" {
+		return CgroupV2Mount()
+	}
+	return filepath.Abs(path)
+}
+
 // EnsureTracefs mounts the tracing filesystem at its conventional place
 // unless one is mounted already (debugfs's tracing directory counts).
 func EnsureTracefs() error {
