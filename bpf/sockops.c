@@ -504,6 +504,28 @@ static __always_inline void watch_probation(struct bpf_sock_ops *skops, struct s
 	bpf_map_delete_elem(&probation_sockets, &cookie);
 }
 
+/* A socket that connects again, after connect(2) with AF_UNSPEC dissolved
+ * its connection, leaves sock_hash and forgets its pairing: tcp_disconnect
+ * leaves it in the map, where its sends would go on to the old peer and what
+ * the old peer redirected would be read before the new connection's bytes.
+ * Those bytes go with the psock, as tcp_disconnect discards the rest of the
+ * receive queue. */
+static __always_inline void forget_last_connection(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	struct sock_key own;
+
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	if (!st)
+		return;
+	mirror_key(&st->peer, &own);
+	bpf_map_delete_elem(&sock_hash, &own);
+	bpf_sk_storage_delete(&sock_states, sk);
+}
+
 SEC("sockops")
 int sockredir_sockops(struct bpf_sock_ops *skops)
 {
@@ -518,6 +540,9 @@ int sockredir_sockops(struct bpf_sock_ops *skops)
 		 * (not full sockets) are the server side. */
 		if (!skops->is_fullsock)
 			note_handshake(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		forget_last_connection(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		add_active(skops, s);

@@ -95,6 +95,10 @@ var zeroLossCases = []struct {
 		}
 		return problems
 	}, nil},
+	// One client socket, two connections (connect(2) with AF_UNSPEC in
+	// between): the second server gets the second connection's bytes,
+	// the client reads only the second answer.
+	{"reconnect", 1 << 20, true, nil, checkReconnect, nil},
 	{"abortive-close", 1 << 20, true, nil, func(r *harness.CaseResult) []string {
 		problems := checkIntactNoErrors(r)
 		if r.Values["prefix_matches"] != 1 || r.Values["received"] == 0 {
@@ -112,6 +116,14 @@ func ioUringSpliceKnownBad(st datapath.Status) string {
 	return "io_uring's splice can't read redirected bytes, and this kernel refuses the BPF LSM splice guard: " +
 		"without probation, a reader whose client has finished before it splices gets nothing and EOF, " +
 		"and the watch marks the port only when the reader sends or at the upkeep"
+}
+
+func checkReconnect(r *harness.CaseResult) []string {
+	problems := checkIntactNoErrors(r)
+	if n := r.Values["first_server_extra"]; n != 0 {
+		problems = append(problems, fmt.Sprintf("the first server read %d bytes of the second connection", n))
+	}
+	return problems
 }
 
 func checkLowat(r *harness.CaseResult) []string {
@@ -134,6 +146,21 @@ func checkIntactNoErrors(r *harness.CaseResult) []string {
 		}
 	}
 	return problems
+}
+
+// A client socket that reconnects to a server sockredir leaves alone (here
+// by policy) sends its bytes there and reads only that server's answer.
+func TestReconnectToAPortLeftOnTCP(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{Policy: mustParse(t, "redirect:\n  exclude_ports: [7431]\n")})
+	var r harness.CaseResult
+	e.Run(harness.Scenario{Case: &harness.Case{Name: "reconnect", Bytes: 1 << 20, Target: "127.0.0.1:7431"}}, &r)
+	for _, p := range checkReconnect(&r) {
+		t.Error(p)
+	}
+	if c := e.Status().Counters; c.BytesRedirected == 0 || c.PolicySkipped != 1 {
+		t.Errorf("counters %+v: want the first connection redirected and the second left to TCP by the policy", c)
+	}
 }
 
 // A reader that begins to splice(2) before its peer's first message (a

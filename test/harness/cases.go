@@ -15,6 +15,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -95,6 +96,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"fast-open-taken":              fastOpen(true),
 	"fast-open-ignored":            fastOpen(false),
 	"tcp-tuning":                   tcpTuning,
+	"reconnect":                    reconnect,
 }
 
 // Run runs the case in this process.
@@ -1298,4 +1300,137 @@ func tcpTuning(c Case) (*CaseResult, error) {
 		res.Texts[side+"_congestion"] = congestion
 	}
 	return res, nil
+}
+
+// reconnect uses one client socket for two connections, as connect(2) with
+// AF_UNSPEC allows: the first server's answer is left unread when the
+// client disconnects, which discards it. The client then connects to a
+// second server (listening on c.Target if set, so that a policy can name
+// it), sends it c.Bytes and half-closes; the second server answers with 4
+// KiB and closes. Values["first_server_extra"] counts bytes of the second
+// connection that reached the first server.
+func reconnect(c Case) (*CaseResult, error) {
+	res := newResult()
+	firstLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	defer firstLn.Close()
+	secondAddr := "127.0.0.1:0"
+	if c.Target != "" {
+		secondAddr = c.Target
+	}
+	secondLn, err := net.Listen("tcp", secondAddr)
+	if err != nil {
+		return nil, err
+	}
+	defer secondLn.Close()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+
+	first, err := connectNonblocking(fd, firstLn)
+	if err != nil {
+		return nil, err
+	}
+	defer first.Close()
+	const request = "first request"
+	if _, err := unix.Write(fd, []byte(request)); err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(first, make([]byte, len(request))); err != nil {
+		return nil, err
+	}
+	if _, err := io.CopyN(first, rand.NewChaCha8(seedBytes(3)), 4<<10); err != nil {
+		return nil, err
+	}
+	if n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 2000); err != nil || n == 0 {
+		return nil, fmt.Errorf("the first answer never became readable: %v", err)
+	}
+	if err := disconnect(fd); err != nil {
+		return nil, fmt.Errorf("connect(AF_UNSPEC): %w", err)
+	}
+
+	second, err := connectNonblocking(fd, secondLn)
+	if err != nil {
+		return nil, err
+	}
+	defer second.Close()
+	serverDone := make(chan error, 1)
+	go func() {
+		got, err := readAll(second, 0, 0)
+		res.Received["second server"] = Checked{got, 1, c.Bytes}
+		if err == nil {
+			_, err = io.CopyN(second, rand.NewChaCha8(seedBytes(2)), 4<<10)
+		}
+		second.Close()
+		serverDone <- err
+	}()
+	if _, err := io.Copy(fdWriter(fd), io.LimitReader(rand.NewChaCha8(seedBytes(1)), c.Bytes)); err != nil {
+		res.Errors["client"] = err.Error()
+	}
+	unix.Shutdown(fd, unix.SHUT_WR)
+	if err := <-serverDone; err != nil {
+		res.Errors["second server"] = err.Error()
+	}
+	got, err := readAllFrom(fdReader(fd))
+	if err != nil {
+		res.Errors["client"] = err.Error()
+	}
+	res.Received["client"] = Checked{got, 2, 4 << 10}
+
+	first.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	extra, _ := io.Copy(io.Discard, first)
+	res.Values["first_server_extra"] = extra
+	return res, nil
+}
+
+// connectNonblocking connects fd to ln as Go's own sockets connect (a
+// blocking socket would be left on TCP), returns the accepted end, and
+// leaves fd blocking for the caller's reads and writes.
+func connectNonblocking(fd int, ln net.Listener) (*net.TCPConn, error) {
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, err
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	err := unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}})
+	if errors.Is(err, unix.EINPROGRESS) {
+		if _, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}, 5000); err == nil {
+			var soErr int
+			if soErr, err = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
+				err = unix.Errno(soErr)
+			}
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s: %w", ln.Addr(), err)
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		return nil, err
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return s.(*net.TCPConn), nil
+}
+
+// disconnect dissolves fd's connection, as connect(2) to an AF_UNSPEC
+// address does; the socket can connect again afterwards.
+func disconnect(fd int) error {
+	sa := unix.RawSockaddr{Family: unix.AF_UNSPEC}
+	_, _, errno := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa))
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// readAllFrom reads r to its EOF and says what it read.
+func readAllFrom(r io.Reader) (Received, error) {
+	h := sha256.New()
+	n, err := io.Copy(h, r)
+	return Received{SHA256: hex.EncodeToString(h.Sum(nil)), Bytes: n}, err
 }
