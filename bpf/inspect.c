@@ -18,7 +18,8 @@
  *     here the file is known. A blocking server's port is remembered, so its
  *     later connections stay on TCP from the start;
  *   - splice readers (see splicewatch.c): a splice reader's connection goes
- *     back to TCP where that leaves no hole (turn_splicing_pair_to_tcp);
+ *     back to TCP where that leaves no hole (turn_pair_to_tcp), as does a
+ *     refused connection, so that the upkeep can release them;
  *     one in `aborts` (datapath.Maintainer puts a splice reader there whose
  *     redirected bytes nobody reads) has its connection aborted, so that
  *     both applications get an error instead of waiting forever for bytes
@@ -91,8 +92,8 @@ static __always_inline void look_at_probation(struct sock_state *st, struct tcp_
 		clear_server_port(st, tp);
 }
 
-/* Splice readers whose own sends go back to TCP, chosen by the Maintainer
- * (see turn_splicing_pair_to_tcp), which sees both ends of a connection. */
+/* Sockets whose sends go back to TCP, chosen by the Maintainer (see
+ * turn_pair_to_tcp), which sees both ends of a connection. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -100,27 +101,25 @@ struct {
 	__type(value, __u8);
 } stop_redirecting SEC(".maps");
 
-/* A connection with a splice reader (the splice watch records one) goes
- * back to TCP wherever that leaves no hole, so that the upkeep can release
- * the pair instead of leaving it in sock_hash for good (with max_backlog
- * set, as this changes how sockets send):
- *   - a peer that has sent nothing yet declines here, as its first message
- *     would (redirect.c, connection_refused): splice reads over TCP what it
- *     sends. The swap leaves a decision made meanwhile alone;
- *   - the splicer's own sends, once its peer passes and doesn't splice
- *     itself: then nothing is left to redirect between the two. The
- *     Maintainer tells (stop_redirecting): this program sees one socket at
- *     a time. While its peer redirects (splicewatch.c), the splicer does
- *     too: its TCP bytes would reach a socket still in sock_hash, whose
- *     FIONREAD some kernels get wrong. */
-static __always_inline void turn_splicing_pair_to_tcp(struct sock_state *st, struct sock_key *own)
+/* Puts a connection back on TCP wherever that leaves no hole, so that the
+ * upkeep can release the pair instead of leaving it in sock_hash (with
+ * max_backlog set, as this changes how sockets send):
+ *   - a splice reader's peer that has sent nothing yet declines here, as
+ *     its first message would (redirect.c, connection_refused): splice
+ *     reads over TCP what it sends. The swap leaves a decision made
+ *     meanwhile alone;
+ *   - a socket the Maintainer tells (stop_redirecting): one in a refused
+ *     connection, which its next message would put on TCP anyway, or a
+ *     splice reader whose peer passes and doesn't splice. This program sees
+ *     one socket at a time. Not if its peer has begun to splice since: then
+ *     its TCP bytes would reach the splicer past those redirected to it
+ *     (splicewatch.c), and the release would free those. */
+static __always_inline void turn_pair_to_tcp(struct sock_state *st, struct sock_key *own)
 {
 	__u32 *peer_refusal = bpf_map_lookup_elem(&refusals, &st->peer);
 	int peer_splices = peer_refusal && *peer_refusal == REFUSED_SPLICE;
 
 	if (bpf_map_lookup_elem(&stop_redirecting, own)) {
-		/* Chosen from the last check's reports: not if its peer has
-		 * begun to splice since. */
 		if (!peer_splices)
 			st->mode = MODE_PASS;
 		bpf_map_delete_elem(&stop_redirecting, own);
@@ -203,7 +202,7 @@ int sockredir_inspect(struct bpf_iter__tcp *ctx)
 			refuse(st, REFUSED_BACKLOG);
 		else if (s && !(s->policy & POLICY_ACCELERATE_BLOCKING) && reads_blocking(tp))
 			refuse(st, REFUSED_BLOCKING);
-		turn_splicing_pair_to_tcp(st, &r.key);
+		turn_pair_to_tcp(st, &r.key);
 	}
 	why = bpf_map_lookup_elem(&refusals, &r.key);
 	r.refused = why ? *why : 0;

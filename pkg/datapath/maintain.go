@@ -59,9 +59,10 @@ const modePass = 2
 //   - Release. A connection that went back to TCP (a refusal, pass-only
 //     mode, a splice reader whose peer had sent nothing) still pays
 //     tcp_bpf's costs, and tcp_bpf answers FIONREAD wrongly for TCP bytes on
-//     some kernels. Once neither of its sockets will redirect again and
-//     neither has redirected bytes left to read, for at least settleTime,
-//     they leave sock_hash and are plain TCP sockets again.
+//     some kernels. A socket that still redirects in a refused connection
+//     is told to pass, as its next message would. Once both sockets pass
+//     and neither has redirected bytes left to read, for at least
+//     settleTime, they leave sock_hash and are plain TCP sockets again.
 //   - Abandoned bytes. Where the splice guard can't load, the splice watch
 //     notices a socket that starts to splice(2), and its server port stays
 //     on TCP from then on. Its own connection can't be saved: splice can't
@@ -223,7 +224,7 @@ func (m *Maintainer) Check() (CheckResult, error) {
 		}
 	}
 	m.settled = settledNow
-	if err := m.stopSplicers(reports); err != nil {
+	if err := m.stopRedirecting(reports); err != nil {
 		return res, err
 	}
 	aborted, err := m.abortAbandoned(reports, now)
@@ -231,45 +232,59 @@ func (m *Maintainer) Check() (CheckResult, error) {
 	return res, err
 }
 
-// stopSplicers tells the inspector which splice readers are to send over
-// TCP from its next look on (splicersToStop). It first deletes what the
+// stopRedirecting tells the inspector which sockets are to send over TCP
+// from its next look on (sendersToStop). It first deletes what the
 // last check told: the inspector deletes each entry it acts on, so any
 // left belong to sockets that closed.
-func (m *Maintainer) stopSplicers(reports map[sockopsSockKey]socketReport) error {
+func (m *Maintainer) stopRedirecting(reports map[sockopsSockKey]socketReport) error {
 	for _, key := range m.stopping {
 		if err := m.inspector.objs.StopRedirecting.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("clearing the splice readers to stop: %w", err)
+			return fmt.Errorf("clearing the sockets to stop redirecting: %w", err)
 		}
 	}
-	m.stopping = splicersToStop(reports)
+	m.stopping = sendersToStop(reports)
 	for _, key := range m.stopping {
 		if err := m.inspector.objs.StopRedirecting.Put(&key, uint8(1)); err != nil {
-			return fmt.Errorf("marking a splice reader to stop redirecting: %w", err)
+			return fmt.Errorf("marking a socket to stop redirecting: %w", err)
 		}
 	}
 	return nil
 }
 
-// splicersToStop returns the splice readers that still redirect to a peer
-// that sends over TCP and doesn't splice itself: once they pass too, the
-// pair can be released (bpf/inspect.c, turn_splicing_pair_to_tcp). One
-// whose peer redirects goes on redirecting too, or its bytes would reach
-// over TCP a socket still in sock_hash.
-func splicersToStop(reports map[sockopsSockKey]socketReport) []sockopsSockKey {
+// sendersToStop returns the sockets that still redirect (or haven't sent
+// yet) but are to pass, so that their pair can be released (bpf/inspect.c,
+// turn_pair_to_tcp; the inspector leaves one whose peer has begun to splice
+// since):
+//   - in a connection that either socket refused for another reason than
+//     splice: its next message would pass anyway. Its peer must not splice:
+//     its TCP bytes would reach the splicer past those waiting for it;
+//   - a splice reader whose peer sends over TCP, doesn't splice itself and
+//     has nothing waiting. One whose peer redirects goes on redirecting
+//     too, or its bytes would reach over TCP a socket still in sock_hash.
+//     Unread: the peer may yet begin to splice while bytes this socket
+//     redirected wait for it (the inspector looks again).
+func sendersToStop(reports map[sockopsSockKey]socketReport) []sockopsSockKey {
 	var stop []sockopsSockKey
 	for key, r := range reports {
-		if r.Refused != refusedSplice || r.Mode == modePass {
-			continue
-		}
 		var peerKey sockopsSockKey
 		mirrorKey(&key, &peerKey)
-		// Unread: the peer may yet begin to splice while bytes this
-		// socket redirected wait for it (the inspector looks again).
-		if peer, ok := reports[peerKey]; ok && peer.Mode == modePass && peer.Refused != refusedSplice && peer.Unread == 0 {
+		peer, ok := reports[peerKey]
+		if r.Mode == modePass || !ok || peer.Refused == refusedSplice {
+			continue
+		}
+		refused := refusedOtherwise(r) || refusedOtherwise(peer)
+		splicerDone := r.Refused == refusedSplice && peer.Mode == modePass && peer.Unread == 0
+		if refused || splicerDone {
 			stop = append(stop, key)
 		}
 	}
 	return stop
+}
+
+// refusedOtherwise reports whether a socket refused redirected bytes for
+// another reason than splice.
+func refusedOtherwise(r socketReport) bool {
+	return r.Refused != 0 && r.Refused != refusedSplice
 }
 
 // followPins makes the checks look after the maps pinned now: after a `down`
@@ -355,35 +370,22 @@ func abandonedQueues(watched map[sockopsSockKey]unreadSince, reports map[sockops
 // to release, if nothing will be redirected between the two again and
 // nothing redirected is left to read; only for the lower of the two keys, so
 // that each pair is handled once. A socket won't redirect again once it
-// passes, or once either socket refused: its next message finds the
-// refusal. A socket that splices is no refusal, and a socket that redirects
-// to it goes on whatever it refused itself (see bpf/splicewatch.c): a pair
-// whose peer had sent nothing comes to pass both ways (splicersToStop) and
-// is released like any such pair. (A socket is never in the map without its
-// peer for longer than a handshake: sock_ops takes a client out again when
-// its server stays out.)
+// passes: nothing sets a socket back to redirecting. A refusal is not
+// enough, though the socket's next message would find it: a reader that
+// refused may begin to splice, and its peer then goes on redirecting (see
+// bpf/splicewatch.c), into a queue that the release would free. Refused
+// connections come to pass both ways (sendersToStop), and so does a pair
+// whose splice reader's peer had sent nothing. (A socket is never in the
+// map without its peer for longer than a handshake: sock_ops takes a client
+// out again when its server stays out.)
 func settledWith(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) []sockopsSockKey {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
 	peer, ok := reports[peerKey]
-	if !ok || !lowerOfPair(key) || r.Unread != 0 || peer.Unread != 0 {
-		return nil
-	}
-	refused := func(r socketReport) bool { return r.Refused != 0 && r.Refused != refusedSplice }
-	if redirectsToSplicer(r, peer) || redirectsToSplicer(peer, r) {
-		return nil
-	}
-	if !refused(r) && !refused(peer) && (r.Mode != modePass || peer.Mode != modePass) {
+	if !ok || !lowerOfPair(key) || r.Unread != 0 || peer.Unread != 0 || r.Mode != modePass || peer.Mode != modePass {
 		return nil
 	}
 	return []sockopsSockKey{key, peerKey}
-}
-
-// redirectsToSplicer reports whether the socket with report r redirects to
-// its peer's (peer), a splice reader: it does so for good (see refuse in
-// bpf/sockredir.h), so the pair is never settled.
-func redirectsToSplicer(r, peer socketReport) bool {
-	return r.Mode != modePass && peer.Refused == refusedSplice
 }
 
 // WarnAbout logs what a check did that needs people's attention: its error,

@@ -35,12 +35,13 @@ func TestSettledWith(t *testing.T) {
 		{"both pass, nothing unread", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, lower, none, 2},
 		{"asked by the higher key", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, higher, none, 0},
 		{"peer still redirects", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, none, 0},
-		{"peer redirects, but to a refusal", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, lower, 2},
-		// A refusal recorded from outside (the inspector) is found by
-		// the socket's next message, which then passes.
-		{"the redirecting socket refused itself", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, higher, 2},
+		// A refusal is found by the socket's next message, but the
+		// refusing reader may begin to splice first: sendersToStop
+		// puts the socket on TCP, and the pair goes at a later check.
+		{"peer redirects, but to a refusal", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, lower, 0},
+		{"the redirecting socket refused itself", map[sockopsSockKey]socketReport{lower: passed, higher: {Mode: 1}}, lower, higher, 0},
 		{"the peer redirects to a splice reader", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Refused: refusedSplice}, higher: {Mode: 1}}, lower, none, 0},
-		{"the peer refused, but redirects to a splice reader", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Refused: refusedSplice}, higher: {Mode: 1}}, lower, higher, 0},
+		{"a refused pair, passing both ways", map[sockopsSockKey]socketReport{lower: passed, higher: passed}, lower, higher, 2},
 		{"both redirect, neither refused", map[sockopsSockKey]socketReport{lower: {Mode: 1}, higher: {Mode: 1}}, lower, none, 0},
 		{"bytes unread", map[sockopsSockKey]socketReport{lower: {Mode: modePass, Unread: 1}, higher: passed}, lower, none, 0},
 		{"peer not seen", map[sockopsSockKey]socketReport{lower: passed}, lower, none, 0},
@@ -88,25 +89,35 @@ func TestAbandonedQueues(t *testing.T) {
 // A splice reader stops redirecting only once its peer passes and doesn't
 // splice itself: then the pair can be released. While its peer redirects
 // to it, its own TCP bytes would reach a socket still in the map.
-func TestSplicersToStop(t *testing.T) {
-	splicer := sockopsSockKey{LocalPort: 40000, RemotePort: 8080, LocalSeq: 11, RemoteSeq: 22, Family: 2}
+// Sockets that still redirect (or haven't sent) are told to pass where
+// that lets their pair be released: in a connection refused for another
+// reason than splice, unless the peer splices, and a splice reader whose
+// peer passes with nothing waiting.
+func TestSendersToStop(t *testing.T) {
+	socket := sockopsSockKey{LocalPort: 40000, RemotePort: 8080, LocalSeq: 11, RemoteSeq: 22, Family: 2}
 	var peer sockopsSockKey
-	mirrorKey(&splicer, &peer)
+	mirrorKey(&socket, &peer)
 	splicing := func(mode uint32) socketReport { return socketReport{Mode: mode, Refused: refusedSplice} }
+	refusing := func(mode uint32) socketReport { return socketReport{Mode: mode, Refused: 1} } // REFUSED_LOWAT
 	for _, c := range []struct {
 		name    string
 		reports map[sockopsSockKey]socketReport
 		want    []sockopsSockKey
 	}{
-		{"the peer passes", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: modePass}}, []sockopsSockKey{splicer}},
-		{"the peer passes, with bytes waiting", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: modePass, Unread: 10}}, nil},
-		{"the peer hasn't decided", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: 0}}, nil},
-		{"the peer redirects", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: {Mode: 1}}, nil},
-		{"the peer splices too", map[sockopsSockKey]socketReport{splicer: splicing(1), peer: splicing(modePass)}, nil},
-		{"the splicer passes already", map[sockopsSockKey]socketReport{splicer: splicing(modePass), peer: {Mode: modePass}}, nil},
-		{"the peer is gone", map[sockopsSockKey]socketReport{splicer: splicing(1)}, nil},
+		{"a splicer, the peer passes", map[sockopsSockKey]socketReport{socket: splicing(1), peer: {Mode: modePass}}, []sockopsSockKey{socket}},
+		{"a splicer, the peer passes with bytes waiting", map[sockopsSockKey]socketReport{socket: splicing(1), peer: {Mode: modePass, Unread: 10}}, nil},
+		{"a splicer, the peer hasn't decided", map[sockopsSockKey]socketReport{socket: splicing(1), peer: {Mode: 0}}, nil},
+		{"a splicer, the peer redirects", map[sockopsSockKey]socketReport{socket: splicing(1), peer: {Mode: 1}}, nil},
+		{"a splicer, the peer splices too", map[sockopsSockKey]socketReport{socket: splicing(1), peer: splicing(modePass)}, nil},
+		{"a splicer that passes already", map[sockopsSockKey]socketReport{socket: splicing(modePass), peer: {Mode: modePass}}, nil},
+		{"a splicer whose peer is gone", map[sockopsSockKey]socketReport{socket: splicing(1)}, nil},
+		{"the peer refused", map[sockopsSockKey]socketReport{socket: {Mode: 1}, peer: refusing(modePass)}, []sockopsSockKey{socket}},
+		{"the peer refused, this one hasn't sent", map[sockopsSockKey]socketReport{socket: {Mode: 0}, peer: refusing(modePass)}, []sockopsSockKey{socket}},
+		{"this one refused, but redirects to a splicer", map[sockopsSockKey]socketReport{socket: refusing(1), peer: splicing(modePass)}, nil},
+		{"the peer refused, both pass already", map[sockopsSockKey]socketReport{socket: {Mode: modePass}, peer: refusing(modePass)}, nil},
+		{"nobody refused", map[sockopsSockKey]socketReport{socket: {Mode: 1}, peer: {Mode: 1}}, nil},
 	} {
-		if got := splicersToStop(c.reports); !slices.Equal(got, c.want) {
+		if got := sendersToStop(c.reports); !slices.Equal(got, c.want) {
 			t.Errorf("%s: stop %v, want %v", c.name, got, c.want)
 		}
 	}
