@@ -125,8 +125,10 @@ int sockredir_redirect(struct sk_msg_md *msg)
 		goto redirected;
 	}
 	/* Stopping is safe at any message: the receiver reads what was
-	 * redirected before what comes over TCP. Starting again is not. */
-	if (!settings->redirect_enabled) {
+	 * redirected before what comes over TCP. Starting again is not. A
+	 * splice reader is the exception (connection_refused): splice would
+	 * read the TCP bytes past those waiting for it. */
+	if (!settings->redirect_enabled && !redirects_to_splicer(st)) {
 		st->mode = MODE_PASS;
 		goto pass;
 	}

@@ -465,3 +465,31 @@ func TestOtherMapLayoutIsRefusedClearly(t *testing.T) {
 	}
 	setPinnedABI(datapath.ABIVersion)
 }
+
+// `down` while a splice reader's peer goes on sending. Where the splice
+// guard loads, the reader falls back to read(2) and gets everything. Where
+// it can't, the peer redirects to the reader after `down` too, rather than
+// send over TCP past the bytes waiting for it (a hole), and down leaves that
+// pair in the map and says so: the reader gets a prefix of the stream.
+func TestDownWithASpliceReader(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{})
+	guarded := e.Status().SpliceGuard
+	const size = 64 << 10
+	agent := e.Start(harness.Scenario{Case: &harness.Case{Name: "splice-reader-during-down", Bytes: size}}, time.Minute)
+	time.Sleep(time.Second) // the reader splices; its peer sends for 3 s more
+	_, downErr := datapath.Down(datapath.DownOptions{PinDir: e.PinDir, DrainTimeout: time.Second})
+	var r harness.CaseResult
+	if err := agent.Wait(&r); err != nil {
+		t.Fatal(err)
+	}
+	received, total := r.Values["received"], int64(size+32*(size/8))
+	switch {
+	case r.Values["prefix_matches"] != 1:
+		t.Errorf("the splice reader read %d bytes with a hole in them", received)
+	case guarded && (received != total || len(r.Errors) != 0):
+		t.Errorf("the reader read %d of %d bytes (errors %v), want all of them", received, total, r.Errors)
+	case !guarded && !errors.Is(downErr, datapath.ErrUnreadData):
+		t.Errorf("down: %v, want %v for the splice reader's pair", downErr, datapath.ErrUnreadData)
+	}
+}

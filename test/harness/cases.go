@@ -90,6 +90,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"rcvlowat-then-fionread":       withPair(rcvlowatThenFIONREAD),
 	"rcvlowat-then-splice":         withPair(rcvlowatThenSplice),
 	"refusal-to-splice-reader":     withPair(refusalToSpliceReader),
+	"splice-reader-during-down":    withPair(spliceReaderDuringDown),
 	"reply-then-fionread":          withPair(replyThenFIONREAD),
 	"blocking-server-twice":        blockingServerTwice,
 	"connect-time":                 connectTime,
@@ -1141,6 +1142,49 @@ func refusalToSpliceReader(c Case, client, server *net.TCPConn) (*CaseResult, er
 	if bytes.HasPrefix(sent, read.Bytes()) {
 		res.Values["prefix_matches"] = 1
 	}
+	return res, nil
+}
+
+// spliceReaderDuringDown: the server begins to splice(2) once c.Bytes have
+// been sent to it, while the client goes on sending 32 more pieces of
+// c.Bytes/8, one every 100 ms, for a test that runs `down` meanwhile. Values
+// as for refusalToSpliceReader: what the server read must be a prefix of
+// the stream.
+func spliceReaderDuringDown(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	res := newResult()
+	const pieces = 32
+	sent := make([]byte, c.Bytes+pieces*(c.Bytes/8))
+	rand.NewChaCha8(seedBytes(66)).Read(sent)
+	if _, err := client.Write(sent[:c.Bytes]); err != nil {
+		return nil, err
+	}
+	if err := waitReadable(server, 5*time.Second); err != nil {
+		return nil, err
+	}
+	var read bytes.Buffer
+	readErr := make(chan error, 1)
+	go func() {
+		_, _, err := spliceRead(server, syscallSplice, -1, &read)
+		readErr <- err
+	}()
+	var err error
+	for rest := sent[c.Bytes:]; len(rest) > 0 && err == nil; rest = rest[c.Bytes/8:] {
+		time.Sleep(100 * time.Millisecond)
+		_, err = client.Write(rest[:c.Bytes/8])
+	}
+	if err := errors.Join(err, client.CloseWrite()); err != nil {
+		res.Errors["client"] = err.Error()
+	}
+	select {
+	case err := <-readErr:
+		if err != nil {
+			res.Errors["server"] = err.Error()
+		}
+	case <-time.After(10 * time.Second):
+		return nil, fmt.Errorf("the splice reader still waits, with %d bytes read, 10 s after its peer's end", read.Len())
+	}
+	res.Values["received"] = int64(read.Len())
+	res.Values["prefix_matches"] = boolValue(bytes.HasPrefix(sent, read.Bytes()))
 	return res, nil
 }
 
