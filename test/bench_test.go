@@ -26,7 +26,7 @@ var benchSmokeArgs = []string{"bench", "--rounds", "5", "--duration", "60ms", "-
 // benchmark's cgroups, namespace and pins are gone afterwards.
 func TestBenchSmoke(t *testing.T) {
 	harness.RequirePrivileges(t)
-	before := benchLeftovers(t)
+	before := leftovers(t, "sockredir-bench-")
 	statsBefore := readSysctl(t, "kernel/bpf_stats_enabled")
 	chart := filepath.Join(t.TempDir(), "chart.svg")
 
@@ -60,13 +60,13 @@ func TestBenchSmoke(t *testing.T) {
 	if got := readSysctl(t, "kernel/bpf_stats_enabled"); got != statsBefore {
 		t.Errorf("kernel.bpf_stats_enabled is %s after the benchmark, was %s", got, statsBefore)
 	}
-	checkNoLeftovers(t, before)
+	checkNoLeftovers(t, "sockredir-bench-", before)
 }
 
 // Ctrl-C in the middle of a run still removes everything the benchmark made.
 func TestBenchInterruptCleansUp(t *testing.T) {
 	harness.RequirePrivileges(t)
-	before := benchLeftovers(t)
+	before := leftovers(t, "sockredir-bench-")
 	cmd := exec.Command(sockredirBinary(t), "bench", "--duration", "2s", "--workloads", `^stream write 64KiB c=1$`, "--chart", "")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -86,19 +86,19 @@ func TestBenchInterruptCleansUp(t *testing.T) {
 	if cmd.ProcessState.ExitCode() != 1 || !strings.Contains(stderr.String(), "interrupted") {
 		t.Errorf("want exit 1 saying it was interrupted, got exit %d: %s", cmd.ProcessState.ExitCode(), stderr.String())
 	}
-	checkNoLeftovers(t, before)
+	checkNoLeftovers(t, "sockredir-bench-", before)
 }
 
-// benchLeftovers lists the cgroups and pin directories that the benchmark
-// names as its own.
-func benchLeftovers(t *testing.T) map[string]bool {
+// leftovers lists the cgroups and pin directories named prefix* that
+// exist now: what the benchmark or `sockredir run` makes for itself.
+func leftovers(t *testing.T, prefix string) map[string]bool {
 	t.Helper()
 	root, err := hostfs.CgroupV2Mount()
 	if err != nil {
 		t.Fatal(err)
 	}
 	found := map[string]bool{}
-	for _, pattern := range []string{filepath.Join(root, "sockredir-bench-*"), "/sys/fs/bpf/sockredir-bench-*"} {
+	for _, pattern := range []string{filepath.Join(root, prefix+"*"), "/sys/fs/bpf/" + prefix + "*"} {
 		matches, err := filepath.Glob(pattern)
 		if err != nil {
 			t.Fatal(err)
@@ -110,11 +110,13 @@ func benchLeftovers(t *testing.T) map[string]bool {
 	return found
 }
 
-func checkNoLeftovers(t *testing.T, before map[string]bool) {
+// checkNoLeftovers fails t for each cgroup or pin directory named prefix*
+// that was not there before.
+func checkNoLeftovers(t *testing.T, prefix string, before map[string]bool) {
 	t.Helper()
-	for path := range benchLeftovers(t) {
+	for path := range leftovers(t, prefix) {
 		if !before[path] {
-			t.Errorf("the benchmark left %s behind", path)
+			t.Errorf("%s left behind", path)
 		}
 	}
 }

@@ -86,12 +86,26 @@ func TestRunExitStatus(t *testing.T) {
 			removedAfterRun(t, runCgroup(t, e, r.stdout))
 		})
 	}
-	t.Run("not found", func(t *testing.T) {
-		r := sockredirRun(t, e, nil, "--", "/nonexistent/command")
-		if r.code != 127 || !strings.Contains(r.stderr, "sockredir run: starting /nonexistent/command") {
-			t.Errorf("exit status %d, stderr %q: want 127 and a line naming the command", r.code, r.stderr)
-		}
-	})
+	for _, c := range []struct {
+		name string
+		args []string
+		want int
+		says string
+	}{
+		{"not found", []string{"--", "/nonexistent/command"}, 127, "sockredir run: starting /nonexistent/command"},
+		// sockredir's own failures must not pass for the command's status.
+		{"unknown flag", []string{"--no-such-flag", "--", "true"}, 125, "unknown flag: --no-such-flag"},
+		{"no command", nil, 125, "requires at least 1 arg"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			before := leftovers(t, "sockredir-run-")
+			r := sockredirRun(t, e, nil, c.args...)
+			if r.code != c.want || !strings.Contains(r.stderr, c.says) {
+				t.Errorf("exit status %d, stderr %q: want %d and a line saying %q", r.code, r.stderr, c.want, c.says)
+			}
+			checkNoLeftovers(t, "sockredir-run-", before)
+		})
+	}
 }
 
 // A signal sent to `sockredir run` reaches the command, and what the command

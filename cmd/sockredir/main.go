@@ -9,14 +9,22 @@ import (
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/sockredir/sockredir/pkg/run"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
 func main() {
-	if err := newRootCommand().Execute(); err != nil {
+	cmd, err := newRootCommand().ExecuteC()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "sockredir:", err)
+		// `run` exits with its command's status: its own failures,
+		// bad flags included, must not look like one.
+		if cmd.Name() == "run" {
+			os.Exit(run.ExitFailed)
+		}
 		os.Exit(1)
 	}
 }
