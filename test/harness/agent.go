@@ -63,7 +63,7 @@ type Agent struct {
 }
 
 // Start runs scenario s in an agent inside the test's cgroup and namespace.
-// The agent is killed after timeout.
+// The agent is killed after timeout, or when the test ends.
 func (e *Env) Start(s Scenario, timeout time.Duration) *Agent {
 	e.T.Helper()
 	return e.StartIn(e.NS, s, timeout)
@@ -84,6 +84,12 @@ func (e *Env) StartIn(ns *sandbox.Netns, s Scenario, timeout time.Duration) *Age
 		<-a.Done()
 		cancel()
 	}()
+	// Before the datapath and the cgroup go: a test that failed early
+	// would otherwise leave its agent holding both until the timeout.
+	e.T.Cleanup(func() {
+		cancel() // kills the agent by pid if it still runs
+		a.Process.Wait()
+	})
 	return a
 }
 
