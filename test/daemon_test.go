@@ -480,7 +480,8 @@ func startAsOtherUser(t *testing.T, e *harness.Env, pod *harness.Pod, name strin
 // brought the datapath back with new maps.
 func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 	e := harness.New(t)
-	d := startDaemon(t, e, "--config", noProbationConfig(t), "--max-backlog", "1048576", "--check-interval", "10ms")
+	d := startDaemon(t, e, "--config", noProbationConfig(t), "--max-backlog", "1048576", "--check-interval", "10ms",
+		"--rescan-interval", "100ms")
 	slowReader := func(seed uint64) {
 		t.Helper()
 		tr := slowReaderTransfer(seed)
@@ -499,6 +500,10 @@ func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.waitLog("the datapath was taken down: checks resume once `sockredir up` or a reload (SIGHUP) brings it back", nil)
+	time.Sleep(500 * time.Millisecond) // rescans, each handing the addresses over
+	if strings.Contains(d.log(), "could not update the datapath's local addresses") {
+		t.Errorf("the address tracker reports the datapath taken down as an error:\n%s", d.log())
+	}
 	d.signal(syscall.SIGHUP)
 	d.waitLog("the datapath was brought up again with new maps; looking after those", nil)
 	slowReader(33) // the new maps' counters start at 0

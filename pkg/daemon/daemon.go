@@ -248,9 +248,14 @@ func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 	d.datapathMu.Lock()
 	defer d.datapathMu.Unlock()
 	err := datapath.SetLocalAddrs(d.pinDir, addrs)
-	if errors.Is(err, datapath.ErrLocalAddrsFull) {
+	switch {
+	case errors.Is(err, datapath.ErrLocalAddrsFull):
 		d.log.Warn("not every local address is accelerated", zap.Error(err))
 		return nil // the addresses that fit are in place: nothing to try again
+	case errors.Is(err, datapath.ErrNotUp):
+		// Taken down (the upkeep says so, once): the tracker's next
+		// rescan after an up puts the addresses in.
+		return nil
 	}
 	return err
 }

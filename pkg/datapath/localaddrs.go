@@ -18,7 +18,7 @@ import (
 func SetLocalAddrs(pinDir string, addrs []netip.Addr) error {
 	p := pins(pinDir)
 	if !p.has("local_addrs") {
-		return fmt.Errorf("sockredir is not up in %s: run `sockredir up --pin-dir %s` first", pinDir, pinDir)
+		return fmt.Errorf("%w: run `sockredir up --pin-dir %s` first", notUp(pinDir), pinDir)
 	}
 	m, err := ebpf.LoadPinnedMap(p.path("local_addrs"), nil)
 	if err != nil {

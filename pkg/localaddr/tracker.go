@@ -38,8 +38,9 @@ type Tracker struct {
 
 // NewTracker returns a tracker for cgroup that looks for namespaces every
 // rescan (0 means DefaultRescan) and hands the whole set, sorted, to apply
-// whenever it changed. When apply fails, the tracker tries again at the
-// next rescan. A nil log means no logging.
+// whenever it changed, and again at every rescan: whatever else wrote the
+// set meanwhile (an `up`) is corrected, and a failed apply is tried again.
+// A nil log means no logging.
 func NewTracker(cgroup string, rescan time.Duration, apply func([]netip.Addr) error, log *zap.Logger) *Tracker {
 	if rescan == 0 {
 		rescan = DefaultRescan
@@ -125,7 +126,9 @@ func (t *Tracker) Run(ctx context.Context) error {
 				// The namespaces already followed still are.
 				s.log.Warn("cannot look for network namespaces; trying again later", zap.Error(err))
 			}
-			changed = changed || s.applyFailed
+			if !changed {
+				s.applySet(true)
+			}
 		case <-t.resync:
 			for _, w := range s.watches {
 				if err := s.relist(w); err != nil {
