@@ -99,6 +99,18 @@ var zeroLossCases = []struct {
 	// between): the second server gets the second connection's bytes,
 	// the client reads only the second answer.
 	{"reconnect", 1 << 20, true, nil, checkReconnect, nil},
+	// TCP urgent data (telnet, FTP's ABOR): tcp_bpf knows nothing of it.
+	{"urgent-data", 0, true, func(datapath.Status) string {
+		return "tcp_bpf redirects a MSG_OOB send's byte inline, and recv(MSG_OOB) takes a redirected byte instead: " +
+			"leave such ports to TCP with the policy (exclude_ports)"
+	}, func(r *harness.CaseResult) []string {
+		problems := checkIntactNoErrors(r)
+		if r.Texts["stream"] != "abde" || r.Texts["urgent"] != "c" {
+			problems = append(problems, fmt.Sprintf("read %q in the stream and %q as urgent data, want \"abde\" and \"c\"",
+				r.Texts["stream"], r.Texts["urgent"]))
+		}
+		return problems
+	}, nil},
 	{"abortive-close", 1 << 20, true, nil, func(r *harness.CaseResult) []string {
 		problems := checkIntactNoErrors(r)
 		if r.Values["prefix_matches"] != 1 || r.Values["received"] == 0 {

@@ -98,6 +98,7 @@ var cases = map[string]func(Case) (*CaseResult, error){
 	"fast-open-ignored":            fastOpen(false),
 	"tcp-tuning":                   tcpTuning,
 	"reconnect":                    reconnect,
+	"urgent-data":                  withPair(urgentData),
 }
 
 // Run runs the case in this process.
@@ -1477,4 +1478,37 @@ func readAllFrom(r io.Reader) (Received, error) {
 	h := sha256.New()
 	n, err := io.Copy(h, r)
 	return Received{SHA256: hex.EncodeToString(h.Sum(nil)), Bytes: n}, err
+}
+
+// urgentData: the client sends "ab" then "c" with MSG_OOB (c is the urgent
+// byte), then "de"; the server reads its stream to EOF, and the urgent byte
+// with MSG_OOB. Texts: "stream", "urgent".
+func urgentData(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	res := newResult()
+	var sendErr error
+	if err := control(client, func(fd int) {
+		if _, sendErr = unix.Write(fd, []byte("ab")); sendErr == nil {
+			if sendErr = unix.Sendmsg(fd, []byte("c"), nil, nil, unix.MSG_OOB); sendErr == nil {
+				_, sendErr = unix.Write(fd, []byte("de"))
+			}
+		}
+	}); err != nil || sendErr != nil {
+		return nil, errors.Join(err, sendErr)
+	}
+	time.Sleep(100 * time.Millisecond)
+	var urgent [1]byte
+	var n int
+	var oobErr error
+	control(server, func(fd int) { n, _, _, _, oobErr = unix.Recvmsg(fd, urgent[:], nil, unix.MSG_OOB) })
+	if oobErr != nil {
+		res.Errors["urgent"] = oobErr.Error()
+	}
+	res.Texts["urgent"] = string(urgent[:n])
+	client.CloseWrite()
+	stream, err := io.ReadAll(server)
+	if err != nil {
+		res.Errors["server"] = err.Error()
+	}
+	res.Texts["stream"] = string(stream)
+	return res, nil
 }
