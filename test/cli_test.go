@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -194,5 +195,36 @@ func TestCLIErrors(t *testing.T) {
 				t.Errorf("sock_ops programs left attached: %v", ids)
 			}
 		})
+	}
+}
+
+// Ctrl-C while `up` runs leaves the datapath whole: attached and pinned,
+// never pins without the programs that use them.
+func TestCLIUpInterrupted(t *testing.T) {
+	e := harness.New(t)
+	up := exec.Command(sockredirBinary(t), "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir)
+	var stderr bytes.Buffer
+	up.Stderr = &stderr
+	if err := up.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		if _, err := os.Stat(e.PinDir); err == nil {
+			break // up is under way
+		}
+		if time.Now().After(deadline) {
+			up.Process.Kill() // by pid: the process this test started
+			up.Wait()
+			t.Fatal("up made no pin directory")
+		}
+	}
+	up.Process.Signal(os.Interrupt)
+	up.Wait()
+	code := up.ProcessState.ExitCode()
+	if code != 0 && (code != 1 || !strings.Contains(stderr.String(), "interrupted (interrupt) while up ran")) {
+		t.Errorf("up interrupted: exit %d, stderr %q; want 0, or 1 saying it finished first", code, stderr.String())
+	}
+	if st := e.Status(); !st.Up || len(e.AttachedSockOps()) != 1 {
+		t.Errorf("after the interrupted up: up %v, sock_ops programs attached %v; want up, one", st.Up, e.AttachedSockOps())
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/signal"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/pkg/policy"
@@ -26,7 +28,7 @@ func newUpCommand(log func() *zap.Logger) *cobra.Command {
 				}
 			}
 			cfg.Log = log()
-			res, err := datapath.Up(cfg)
+			res, err := upUninterrupted(cfg)
 			if err == nil && res == datapath.Attached {
 				cfg.Log.Info("no upkeep runs with up alone: `sockredir daemon` also holds back readers that fall behind " +
 					"(without it their senders may get ENOMEM), catches servers that turn to blocking reads or splice " +
@@ -40,6 +42,25 @@ func newUpCommand(log func() *zap.Logger) *cobra.Command {
 	cmd.Flags().StringVar(&cfg.PinDir, "pin-dir", datapath.DefaultPinDir, "BPF filesystem directory for the pins")
 	cmd.Flags().Uint32Var(&cfg.MapSize, "map-size", 0, mapSizeUsage)
 	return cmd
+}
+
+// upUninterrupted runs datapath.Up with SIGINT and SIGTERM held until it
+// returns: killed half-way, it would leave pins and guards behind. A signal
+// that came meanwhile is reported once the datapath is whole.
+func upUninterrupted(cfg datapath.Config) (datapath.UpResult, error) {
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, unix.SIGINT, unix.SIGTERM)
+	res, err := datapath.Up(cfg)
+	signal.Stop(signals)
+	select {
+	case sig := <-signals:
+		if err == nil {
+			err = fmt.Errorf("interrupted (%s) while up ran, which finished first: run `sockredir down --pin-dir %s` to detach",
+				sig, cfg.PinDir)
+		}
+	default:
+	}
+	return res, err
 }
 
 func newDownCommand(log func() *zap.Logger) *cobra.Command {
