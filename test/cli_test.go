@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/test/harness"
@@ -221,10 +222,51 @@ func TestCLIUpInterrupted(t *testing.T) {
 	up.Process.Signal(os.Interrupt)
 	up.Wait()
 	code := up.ProcessState.ExitCode()
-	if code != 0 && (code != 1 || !strings.Contains(stderr.String(), "interrupted (interrupt) while up ran")) {
+	if code != 0 && (code != 1 || !strings.Contains(stderr.String(), "interrupted while up ran, which finished first")) {
 		t.Errorf("up interrupted: exit %d, stderr %q; want 0, or 1 saying it finished first", code, stderr.String())
 	}
 	if st := e.Status(); !st.Up || len(e.AttachedSockOps()) != 1 {
 		t.Errorf("after the interrupted up: up %v, sock_ops programs attached %v; want up, one", st.Up, e.AttachedSockOps())
+	}
+}
+
+// Ctrl-C ends an up that waits for another up or down of its pin directory,
+// with nothing attached.
+func TestCLIUpStopsWaitingOnCtrlC(t *testing.T) {
+	e := harness.New(t)
+	if err := os.Mkdir(e.PinDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(e.PinDir)
+	held, err := os.Open(e.PinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if err := unix.Flock(int(held.Fd()), unix.LOCK_EX); err != nil { // as a running down holds it
+		t.Fatal(err)
+	}
+	up := exec.Command(sockredirBinary(t), "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir)
+	var stderr bytes.Buffer
+	up.Stderr = &stderr
+	if err := up.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	up.Process.Signal(os.Interrupt) // by pid: the process this test started
+	done := make(chan struct{})
+	go func() { up.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		up.Process.Kill()
+		<-done
+		t.Fatal("up went on waiting after Ctrl-C")
+	}
+	if code := up.ProcessState.ExitCode(); code != 1 || !strings.Contains(stderr.String(), "stopped waiting for another sockredir up or down") {
+		t.Errorf("exit %d, stderr %q: want 1 and that it stopped waiting", code, stderr.String())
+	}
+	if ids := e.AttachedSockOps(); len(ids) != 0 {
+		t.Errorf("sock_ops programs attached: %v", ids)
 	}
 }

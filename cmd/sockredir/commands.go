@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -44,21 +45,17 @@ func newUpCommand(log func() *zap.Logger) *cobra.Command {
 	return cmd
 }
 
-// upUninterrupted runs datapath.Up with SIGINT and SIGTERM held until it
-// returns: killed half-way, it would leave pins and guards behind. A signal
-// that came meanwhile is reported once the datapath is whole.
+// upUninterrupted runs datapath.Up with SIGINT, SIGTERM and SIGHUP held:
+// killed half-way, it would leave pins and guards behind. A signal ends only
+// a wait for another up or down; one that came later is reported once the
+// datapath is whole.
 func upUninterrupted(cfg datapath.Config) (datapath.UpResult, error) {
-	signals := make(chan os.Signal, 1)
-	signal.Notify(signals, unix.SIGINT, unix.SIGTERM)
-	res, err := datapath.Up(cfg)
-	signal.Stop(signals)
-	select {
-	case sig := <-signals:
-		if err == nil {
-			err = fmt.Errorf("interrupted (%s) while up ran, which finished first: run `sockredir down --pin-dir %s` to detach",
-				sig, cfg.PinDir)
-		}
-	default:
+	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
+	res, err := datapath.UpContext(ctx, cfg)
+	interrupted := ctx.Err() != nil
+	stop()
+	if interrupted && err == nil {
+		err = fmt.Errorf("interrupted while up ran, which finished first: run `sockredir down --pin-dir %s` to detach", cfg.PinDir)
 	}
 	return res, err
 }

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -60,7 +61,7 @@ func Down(opts DownOptions) (bool, error) {
 		return false, err
 	}
 	p := pins(opts.PinDir)
-	unlock, err := p.lock(false)
+	unlock, err := p.lock(context.Background(), false)
 	if err != nil || unlock == nil {
 		return false, err
 	}

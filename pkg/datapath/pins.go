@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -94,8 +95,9 @@ const lockTimeout = 2 * time.Minute
 // under it: the down would go on taking sockets out of the map, and
 // unpinning what the up made, while the new programs redirect. The lock is
 // a flock on the directory, which create makes first; without create, a
-// missing directory (nothing is up) returns a nil unlock.
-func (p pins) lock(create bool) (unlock func(), err error) {
+// missing directory (nothing is up) returns a nil unlock. Waiting for it
+// ends with ctx.
+func (p pins) lock(ctx context.Context, create bool) (unlock func(), err error) {
 	deadline := time.Now().Add(lockTimeout)
 	for {
 		if create {
@@ -126,7 +128,12 @@ func (p pins) lock(create bool) (unlock func(), err error) {
 			dir.Close()
 			return nil, fmt.Errorf("another sockredir up or down has been working on %s for %s: wait for it, or stop it", p, lockTimeout)
 		default:
-			time.Sleep(50 * time.Millisecond)
+			select {
+			case <-ctx.Done():
+				dir.Close()
+				return nil, fmt.Errorf("stopped waiting for another sockredir up or down working on %s: %w", p, context.Cause(ctx))
+			case <-time.After(50 * time.Millisecond):
+			}
 		}
 		dir.Close()
 	}

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
@@ -69,6 +70,13 @@ const (
 // new build), it swaps them in place, keeping the maps and so every running
 // connection. On error, whatever this call created is removed again.
 func Up(cfg Config) (UpResult, error) {
+	return UpContext(context.Background(), cfg)
+}
+
+// UpContext is Up that stops waiting for another up or down of the pin
+// directory when ctx is done. Once it has the directory, it finishes: a
+// datapath left half-attached would be worse than one attached late.
+func UpContext(ctx context.Context, cfg Config) (UpResult, error) {
 	requestedSize := cfg.MapSize
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -84,7 +92,7 @@ func Up(cfg Config) (UpResult, error) {
 		return "", err
 	}
 	p := pins(cfg.PinDir)
-	unlock, err := p.lock(true)
+	unlock, err := p.lock(ctx, true)
 	if err != nil {
 		return "", err
 	}
