@@ -477,7 +477,14 @@ func TestDownWithASpliceReader(t *testing.T) {
 	guarded := e.Status().SpliceGuard
 	const size = 64 << 10
 	agent := e.Start(harness.Scenario{Case: &harness.Case{Name: "splice-reader-during-down", Bytes: size}}, time.Minute)
-	time.Sleep(time.Second) // the reader splices; its peer sends for 3 s more
+	// Its peer sends for 3 s more: down once the reader splices (where
+	// the guard loads, its splice fails and it reads, recorded as nothing).
+	time.Sleep(500 * time.Millisecond)
+	for deadline := time.Now().Add(10 * time.Second); !guarded && e.Status().Counters.InboundRefused == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the splice watch never recorded the reader's splice")
+		}
+	}
 	_, downErr := datapath.Down(datapath.DownOptions{PinDir: e.PinDir, DrainTimeout: time.Second})
 	var r harness.CaseResult
 	if err := agent.Wait(&r); err != nil {

@@ -117,8 +117,8 @@ func unpinLink(p pins, name string) error {
 }
 
 // drain takes every socket out of sock_hash once nothing redirected to it is
-// waiting to be read, and it doesn't redirect to a splice reader; a
-// socket's queue is freed when it leaves the map. A
+// waiting to be read, unless it is one end of a splice pair; a socket's
+// queue is freed when it leaves the map. A
 // socket that the inspector can't see is treated as holding data: it leaves
 // the map when its application closes it.
 func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
@@ -139,7 +139,7 @@ func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 		var drained []sockopsSockKey
 		it := sockHash.Iterate()
 		for it.Next(&key, &cookie) {
-			if r, ok := reports[key]; ok && r.Unread == 0 && !redirectsToSplicer(key, r, reports) {
+			if r, ok := reports[key]; ok && r.Unread == 0 && !inSplicePair(key, r, reports) {
 				drained = append(drained, key)
 			} else {
 				waiting++
@@ -169,15 +169,16 @@ func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 	}
 }
 
-// redirectsToSplicer reports whether the socket under key (report r) goes
-// on redirecting to a splice reader, as it does after `down` too
-// (bpf/redirect.c): out of the map, it would send over TCP, and splice would
-// read those bytes past the ones waiting for it.
-func redirectsToSplicer(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) bool {
+// inSplicePair reports whether the socket under key (report r) redirects
+// to a splice reader, or is one that its peer redirects to: the sender goes
+// on after `down` too (bpf/redirect.c). Out of the map, the sender would
+// send over TCP, and splice would read those bytes past the ones waiting;
+// the reader would lose what its peer redirects after the inspection.
+func inSplicePair(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) bool {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
 	peer, ok := reports[peerKey]
-	return ok && r.Mode != modePass && peer.Refused == refusedSplice
+	return ok && (r.Mode != modePass && peer.Refused == refusedSplice || peer.Mode != modePass && r.Refused == refusedSplice)
 }
 
 // detachRedirect takes the sk_msg program off the (now empty) map. A

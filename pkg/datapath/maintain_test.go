@@ -122,3 +122,31 @@ func TestSendersToStop(t *testing.T) {
 		}
 	}
 }
+
+// down keeps both ends of a pair whose sender redirects to a splice reader.
+func TestInSplicePair(t *testing.T) {
+	reader := sockopsSockKey{LocalPort: 8080, RemotePort: 40000, LocalSeq: 22, RemoteSeq: 11, Family: 2}
+	var sender sockopsSockKey
+	mirrorKey(&reader, &sender)
+	splicing := socketReport{Mode: modePass, Refused: refusedSplice}
+	for _, c := range []struct {
+		name    string
+		reports map[sockopsSockKey]socketReport
+		want    bool
+	}{
+		{"the sender redirects to the reader", map[sockopsSockKey]socketReport{reader: splicing, sender: {Mode: 1}}, true},
+		{"the sender passes", map[sockopsSockKey]socketReport{reader: splicing, sender: {Mode: modePass}}, false},
+		{"no splice", map[sockopsSockKey]socketReport{reader: {Mode: modePass}, sender: {Mode: 1}}, false},
+		{"the sender is gone", map[sockopsSockKey]socketReport{reader: splicing}, false},
+	} {
+		for _, key := range []sockopsSockKey{reader, sender} {
+			r, ok := c.reports[key]
+			if !ok {
+				continue
+			}
+			if got := inSplicePair(key, r, c.reports); got != c.want {
+				t.Errorf("%s: inSplicePair(%d) = %v, want %v", c.name, key.LocalPort, got, c.want)
+			}
+		}
+	}
+}
