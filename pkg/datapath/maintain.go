@@ -243,6 +243,10 @@ func (m *Maintainer) stopRedirecting(reports map[sockopsSockKey]socketReport) er
 		}
 	}
 	m.stopping = sendersToStop(reports)
+	// More than fit wait for the next checks (the map order varies).
+	if limit := int(m.inspector.objs.StopRedirecting.MaxEntries()); len(m.stopping) > limit {
+		m.stopping = m.stopping[:limit]
+	}
 	for _, key := range m.stopping {
 		if err := m.inspector.objs.StopRedirecting.Put(&key, uint8(1)); err != nil {
 			return fmt.Errorf("marking a socket to stop redirecting: %w", err)
