@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sockredir/sockredir/pkg/datapath"
 	"github.com/sockredir/sockredir/test/harness"
 )
@@ -133,7 +135,10 @@ func ioUringSpliceKnownBad(st datapath.Status) string {
 func checkReconnect(r *harness.CaseResult) []string {
 	problems := checkIntactNoErrors(r)
 	if n := r.Values["first_server_extra"]; n != 0 {
-		problems = append(problems, fmt.Sprintf("the first server read %d bytes of the second connection", n))
+		problems = append(problems, fmt.Sprintf("the first server read %d bytes sent after the client left it", n))
+	}
+	if err := r.Texts["write while unconnected"]; err != unix.EPIPE.Error() {
+		problems = append(problems, fmt.Sprintf("a write between the connections: error %q, want %q", err, unix.EPIPE.Error()))
 	}
 	return problems
 }

@@ -1352,8 +1352,9 @@ func tcpTuning(c Case) (*CaseResult, error) {
 // client disconnects, which discards it. The client then connects to a
 // second server (listening on c.Target if set, so that a policy can name
 // it), sends it c.Bytes and half-closes; the second server answers with 4
-// KiB and closes. Values["first_server_extra"] counts bytes of the second
-// connection that reached the first server.
+// KiB and closes. Values["first_server_extra"] counts bytes sent after the
+// disconnect that reached the first server; Texts["write while
+// unconnected"] is the error of a write between the connections.
 func reconnect(c Case) (*CaseResult, error) {
 	res := newResult()
 	firstLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -1396,6 +1397,12 @@ func reconnect(c Case) (*CaseResult, error) {
 	}
 	if err := disconnect(fd); err != nil {
 		return nil, fmt.Errorf("connect(AF_UNSPEC): %w", err)
+	}
+	// Unconnected, a socket can't send (EPIPE), once the reset of the
+	// disconnect has been collected.
+	unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if _, err := unix.Write(fd, []byte("stray")); err != nil {
+		res.Texts["write while unconnected"] = err.Error()
 	}
 
 	second, err := connectNonblocking(fd, secondLn)
