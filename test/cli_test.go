@@ -136,7 +136,7 @@ func TestCLIUpAgain(t *testing.T) {
 		t.Errorf("up with the cgroup written relative to the working directory: %v: %s", err, out)
 	}
 	r := runCLI(t, nil, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir, "--map-size", "8")
-	if r.code != 1 || !strings.Contains(r.stderr, "holds 4 sockets, not 8, and can't be resized") {
+	if r.code != 1 || !strings.Contains(r.stderr, "holds 4 sockets, not 8: run `sockredir down") {
 		t.Errorf("up with another map size: exit %d, stderr %q: want exit 1 and that it can't be resized", r.code, r.stderr)
 	}
 	if st := e.Status(); !st.Up || st.MapSize != 4 || st.Cgroup != e.Cgroup {

@@ -517,3 +517,21 @@ func TestDaemonHoldsBackSlowReaders(t *testing.T) {
 		t.Fatalf("the daemon exited with %d on SIGTERM:\n%s", code, d.log())
 	}
 }
+
+// A daemon started with another --map-size than the datapath that is up
+// has keeps that datapath's size and says so, rather than leave it without
+// its upkeep.
+func TestDaemonKeepsTheMapSize(t *testing.T) {
+	e := harness.New(t)
+	e.Up(datapath.Config{MapSize: 4})
+	d := startDaemon(t, e, "--map-size", "8")
+	d.waitLog("keeping the map size of the datapath that is up", nil)
+	d.waitLog("daemon running", nil)
+	if st := e.Status(); !st.Up || st.MapSize != 4 {
+		t.Errorf("up %v, map size %d; want up, 4", st.Up, st.MapSize)
+	}
+	d.signal(syscall.SIGTERM)
+	if code := d.wait(); code != 0 {
+		t.Fatalf("the daemon exited with %d on SIGTERM:\n%s", code, d.log())
+	}
+}

@@ -241,6 +241,13 @@ func (d *daemon) up(cfg datapath.Config) error {
 	d.datapathMu.Lock()
 	defer d.datapathMu.Unlock()
 	_, err := datapath.Up(cfg)
+	if errors.Is(err, datapath.ErrMapSizeFixed) {
+		// Refusing to start would leave what is up without its upkeep
+		// (and a service manager restarting the daemon in a loop).
+		d.log.Warn("keeping the map size of the datapath that is up", zap.Error(err))
+		cfg.MapSize = 0
+		_, err = datapath.Up(cfg)
+	}
 	return err
 }
 

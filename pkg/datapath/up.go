@@ -55,6 +55,10 @@ func (c Config) withDefaults() (Config, error) {
 	return c, nil
 }
 
+// ErrMapSizeFixed says that Up was asked for another map size than the
+// datapath that is up has: a map's size is set when it is created.
+var ErrMapSizeFixed = errors.New("the map size can't change while sockredir is up")
+
 // UpResult says what Up did.
 type UpResult string
 
@@ -106,8 +110,8 @@ func UpContext(ctx context.Context, cfg Config) (UpResult, error) {
 			return "", err
 		}
 		if requestedSize != 0 && requestedSize != meta.MapSize {
-			return "", fmt.Errorf("the sockhash under %s holds %d sockets, not %d, and can't be resized while it is up: "+
-				"run `sockredir down --pin-dir %s`, then up with the new size", cfg.PinDir, meta.MapSize, requestedSize, cfg.PinDir)
+			return "", fmt.Errorf("%w: the sockhash under %s holds %d sockets, not %d: "+
+				"run `sockredir down --pin-dir %s`, then up with the new size", ErrMapSizeFixed, cfg.PinDir, meta.MapSize, requestedSize, cfg.PinDir)
 		}
 		cfg.MapSize = meta.MapSize
 	}
