@@ -213,14 +213,18 @@ func addrsChanged(key, addr string) func(map[string]any) bool {
 	}
 }
 
-// More local addresses than the datapath holds: the daemon warns and goes
-// on, with the addresses that fit in place.
+// More local addresses than the datapath holds: the daemon warns, once,
+// and goes on, with the addresses that fit in place.
 func TestDaemonWithMoreAddressesThanFit(t *testing.T) {
 	e := harness.New(t)
-	d := startDaemon(t, e, "--config", noProbationConfig(t))
+	d := startDaemon(t, e, "--config", noProbationConfig(t), "--rescan-interval", "100ms")
 	addVeth(e, "srd0")
 	addAddrs(e, "srd0", addrRange(netip.MustParseAddr("10.204.0.0"), localAddrsCapacity+1))
 	d.waitLog("not every local address is accelerated", nil)
+	time.Sleep(500 * time.Millisecond) // rescans, each applying the set again
+	if n := strings.Count(d.log(), "not every local address is accelerated"); n != 1 {
+		t.Errorf("warned %d times that addresses don't fit, want once:\n%s", n, d.log())
+	}
 	if m := d.scrape(); m["sockredir_up"] != 1 {
 		t.Errorf("sockredir_up = %v, want 1", m["sockredir_up"])
 	}

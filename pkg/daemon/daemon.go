@@ -92,6 +92,9 @@ type daemon struct {
 	lastFailure string
 	// datapathMu keeps Up and the tracker's address updates apart.
 	datapathMu sync.Mutex
+	// addrsLeftOut is the last warning that local addresses didn't fit,
+	// as the tracker applies the set at every rescan (under datapathMu).
+	addrsLeftOut string
 }
 
 // Run runs the daemon until ctx is done. It returns an error when the
@@ -257,7 +260,10 @@ func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 	err := datapath.SetLocalAddrs(d.pinDir, addrs)
 	switch {
 	case errors.Is(err, datapath.ErrLocalAddrsFull):
-		d.log.Warn("not every local address is accelerated", zap.Error(err))
+		if err.Error() != d.addrsLeftOut {
+			d.log.Warn("not every local address is accelerated", zap.Error(err))
+			d.addrsLeftOut = err.Error()
+		}
 		return nil // the addresses that fit are in place: nothing to try again
 	case errors.Is(err, datapath.ErrNotUp):
 		// Taken down (the upkeep says so, once): the tracker's next
