@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -68,26 +69,25 @@ func writePolicy(o *objects, p *policy.Policy) (flags, rules uint32, err error) 
 	for _, c := range r.ExcludeCIDRs {
 		cidrs[cidrKey(c)] = policyExclude
 	}
-	// Both checked before either is written: a policy that can't be
-	// written leaves the one in force whole.
+	// What can fail is checked before anything is written: a policy that
+	// can't be written leaves the one in force whole.
 	if len(ports) > policy.MaxPorts || len(cidrs) > policy.MaxCIDRs {
 		return 0, 0, fmt.Errorf("the policy names %d ports and %d CIDRs: at most %d and %d fit",
 			len(ports), len(cidrs), policy.MaxPorts, policy.MaxCIDRs)
 	}
-	if err := replaceContents(o.sockops.PolicyPorts, ports); err != nil {
+	var hz uint32
+	if slices.ContainsFunc(p.Tuning, func(r policy.Rule) bool { return r.SynRTOMs != 0 }) {
+		if hz, err = kernelHZ(); err != nil {
+			return 0, 0, err
+		}
+	}
+	if err := replaceRules(o.sockops.PolicyPorts, ports); err != nil {
 		return 0, 0, fmt.Errorf("writing the port policy: %w", err)
 	}
-	if err := replaceContents(o.sockops.PolicyCidrs, cidrs); err != nil {
+	if err := replaceRules(o.sockops.PolicyCidrs, cidrs); err != nil {
 		return 0, 0, fmt.Errorf("writing the address policy: %w", err)
 	}
-
-	var hz uint32
 	for i, rule := range p.Tuning {
-		if rule.SynRTOMs != 0 && hz == 0 {
-			if hz, err = kernelHZ(); err != nil {
-				return 0, 0, err
-			}
-		}
 		if err := o.sockops.TuningRules.Put(uint32(i), tuningRule(rule, hz)); err != nil {
 			return 0, 0, fmt.Errorf("writing tuning rule %d: %w", i, err)
 		}
@@ -138,40 +138,52 @@ func cidrKey(p netip.Prefix) sockopsCidrKey {
 	return k
 }
 
-// replaceContents makes m hold exactly want. New entries go in before stale ones go out,
-// so that a rule in both is never missing meanwhile and a new exclusion
-// holds before an old one goes; only when the two don't fit together do the
-// stale ones go first.
-func replaceContents[K comparable, V any](m *ebpf.Map, want map[K]V) error {
-	stale, err := staleKeys(m, want)
-	if err != nil {
+// replaceRules makes the policy map m hold exactly want (policyInclude or
+// policyExclude by key). New rules go in before stale ones go out, so that
+// a rule in both is never missing meanwhile and a new exclusion holds
+// before an old one goes. When the two don't fit together, stale
+// inclusions make room first, as a connection left on TCP for a moment is
+// harmless; stale exclusions only if that is not enough.
+func replaceRules[K comparable](m *ebpf.Map, want map[K]uint32) error {
+	var (
+		key                  K
+		value                uint32
+		staleIncl, staleExcl []K
+	)
+	it := m.Iterate()
+	for it.Next(&key, &value) {
+		if _, keep := want[key]; !keep && value == policyInclude {
+			staleIncl = append(staleIncl, key)
+		} else if !keep {
+			staleExcl = append(staleExcl, key)
+		}
+	}
+	if err := it.Err(); err != nil {
 		return err
 	}
-	if len(want)+len(stale) > int(m.MaxEntries()) {
-		if err := deleteKeys(m, stale); err != nil {
+	room := int(m.MaxEntries()) - len(want)
+	if len(staleIncl)+len(staleExcl) > room {
+		if err := deleteKeys(m, staleIncl); err != nil {
 			return err
 		}
-		stale = nil
+		staleIncl = nil
+	}
+	if len(staleExcl) > room {
+		if err := deleteKeys(m, staleExcl); err != nil {
+			return err
+		}
+		staleExcl = nil
 	}
 	for k, v := range want {
 		if err := m.Put(k, v); err != nil {
 			return err
 		}
 	}
-	return deleteKeys(m, stale)
+	return deleteKeys(m, append(staleIncl, staleExcl...))
 }
 
 // deleteStale deletes the entries of m that are not in want.
 func deleteStale[K comparable, V any](m *ebpf.Map, want map[K]V) error {
-	stale, err := staleKeys(m, want)
-	if err != nil {
-		return err
-	}
-	return deleteKeys(m, stale)
-}
-
-// staleKeys returns the keys of m that are not in want.
-func staleKeys[K comparable, V any](m *ebpf.Map, want map[K]V) ([]K, error) {
 	var (
 		key   K
 		value V
@@ -183,9 +195,13 @@ func staleKeys[K comparable, V any](m *ebpf.Map, want map[K]V) ([]K, error) {
 			stale = append(stale, key)
 		}
 	}
-	return stale, it.Err()
+	if err := it.Err(); err != nil {
+		return err
+	}
+	return deleteKeys(m, stale)
 }
 
+// deleteKeys deletes keys from m; a key gone already is no error.
 func deleteKeys[K any](m *ebpf.Map, keys []K) error {
 	for _, k := range keys {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

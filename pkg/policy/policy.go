@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 
 	"gopkg.in/yaml.v3"
@@ -107,11 +108,19 @@ func Parse(data []byte) (*Policy, error) {
 func (p *Policy) validate(root *yaml.Node) error {
 	at := func(path ...any) int { return line(root, path...) }
 	r := p.Redirect
-	if n := len(r.IncludePorts) + len(r.ExcludePorts); n > MaxPorts {
-		return fmt.Errorf("line %d: redirect: %d ports in include_ports and exclude_ports, at most %d", at("redirect"), n, MaxPorts)
+	ports := map[uint16]bool{}
+	for _, port := range slices.Concat(r.IncludePorts, r.ExcludePorts) {
+		ports[port] = true
 	}
-	if n := len(r.IncludeCIDRs) + len(r.ExcludeCIDRs); n > MaxCIDRs {
-		return fmt.Errorf("line %d: redirect: %d CIDRs in include_cidrs and exclude_cidrs, at most %d", at("redirect"), n, MaxCIDRs)
+	if len(ports) > MaxPorts {
+		return fmt.Errorf("line %d: redirect: %d ports in include_ports and exclude_ports, at most %d", at("redirect"), len(ports), MaxPorts)
+	}
+	cidrs := map[netip.Prefix]bool{}
+	for _, c := range slices.Concat(r.IncludeCIDRs, r.ExcludeCIDRs) {
+		cidrs[c.Masked()] = true
+	}
+	if len(cidrs) > MaxCIDRs {
+		return fmt.Errorf("line %d: redirect: %d CIDRs in include_cidrs and exclude_cidrs, at most %d", at("redirect"), len(cidrs), MaxCIDRs)
 	}
 	if len(p.Tuning) > MaxTuningRules {
 		return fmt.Errorf("line %d: tuning: at most %d rules", at("tuning"), MaxTuningRules)

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -62,7 +63,7 @@ func TestParseErrors(t *testing.T) {
 		{"redirect:\n  exclude_ports: [0]\n", "line 2: redirect.exclude_ports: port 0"},
 		{"redirect:\n  include_ports: [" + portList(1, 600) + "]\n  exclude_ports: [" + portList(601, 1025) + "]\n",
 			"line 2: redirect: 1025 ports in include_ports and exclude_ports, at most 1024"},
-		{"redirect:\n  exclude_cidrs: [" + strings.Repeat("10.0.0.0/8, ", 1025) + "]\n",
+		{"redirect:\n  exclude_cidrs: [" + cidrList(1025) + "]\n",
 			"line 2: redirect: 1025 CIDRs in include_cidrs and exclude_cidrs, at most 1024"},
 	} {
 		_, err := Parse([]byte(c.config))
@@ -79,4 +80,23 @@ func portList(from, to int) string {
 		ports = append(ports, strconv.Itoa(p))
 	}
 	return strings.Join(ports, ", ")
+}
+
+// cidrList is n different /24s for a YAML flow sequence.
+func cidrList(n int) string {
+	cidrs := make([]string, n)
+	for i := range cidrs {
+		cidrs[i] = fmt.Sprintf("10.%d.%d.0/24", i/256, i%256)
+	}
+	return strings.Join(cidrs, ", ")
+}
+
+// The limits count what the maps hold: a port or prefix named twice is
+// one entry.
+func TestParseCountsDistinctEntries(t *testing.T) {
+	config := "redirect:\n  include_ports: [" + portList(1, 1000) + "]\n  exclude_ports: [" + portList(1, 1000) + "]\n" +
+		"  include_cidrs: [" + cidrList(1000) + ", 10.0.0.1/24]\n  exclude_cidrs: [" + cidrList(1000) + "]\n"
+	if _, err := Parse([]byte(config)); err != nil {
+		t.Errorf("1000 ports and 1000 prefixes, each named twice: %v", err)
+	}
 }
