@@ -91,11 +91,11 @@ int sockredir_redirect(struct sk_msg_md *msg)
 
 	if (!sk || !settings)
 		goto pass;
-	/* Only a connected socket sends to its peer. One that connect(2) with
-	 * AF_UNSPEC dissolved stays in sock_hash (sockops.c,
-	 * forget_last_connection): TCP fails its sends, or connects them
-	 * anew (a deferred TCP Fast Open connect). */
-	if (sk->state != BPF_TCP_ESTABLISHED && sk->state != BPF_TCP_CLOSE_WAIT)
+	/* Only a connected socket sends to its peer (a TCP Fast Open server
+	 * may answer in SYN_RECV). One that connect(2) with AF_UNSPEC
+	 * dissolved stays in sock_hash until it connects again (sockops.c,
+	 * forget_last_connection): TCP fails its sends meanwhile. */
+	if (sk->state != BPF_TCP_ESTABLISHED && sk->state != BPF_TCP_CLOSE_WAIT && sk->state != BPF_TCP_SYN_RECV)
 		goto pass;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
 	if (!st)
