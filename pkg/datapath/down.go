@@ -171,14 +171,15 @@ func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 
 // inSplicePair reports whether the socket under key (report r) redirects
 // to a splice reader, or is one that its peer redirects to: the sender goes
-// on after `down` too (bpf/redirect.c). Out of the map, the sender would
+// on after `down` too (bpf/redirect.c); one that hasn't sent yet won't
+// redirect any more. Out of the map, the sender would
 // send over TCP, and splice would read those bytes past the ones waiting;
 // the reader would lose what its peer redirects after the inspection.
 func inSplicePair(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) bool {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
 	peer, ok := reports[peerKey]
-	return ok && (r.Mode != modePass && peer.Refused == refusedSplice || peer.Mode != modePass && r.Refused == refusedSplice)
+	return ok && (r.Mode == modeRedirect && peer.Refused == refusedSplice || peer.Mode == modeRedirect && r.Refused == refusedSplice)
 }
 
 // detachRedirect takes the sk_msg program off the (now empty) map. A

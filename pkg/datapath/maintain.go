@@ -43,8 +43,11 @@ const refusedSplice = 5
 // cgroup and loads the inspector).
 const reopenBackoff = 5 * time.Second
 
-// modePass is MODE_PASS of enum redirect_mode (bpf/sockredir.h).
-const modePass = 2
+// MODE_REDIRECT and MODE_PASS of enum redirect_mode (bpf/sockredir.h).
+const (
+	modeRedirect = 1
+	modePass     = 2
+)
 
 // A Maintainer does what a running datapath needs done from outside the
 // kernel, over and over (`sockredir daemon` runs it every 100 ms):

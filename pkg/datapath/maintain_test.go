@@ -136,6 +136,7 @@ func TestInSplicePair(t *testing.T) {
 	}{
 		{"the sender redirects to the reader", map[sockopsSockKey]socketReport{reader: splicing, sender: {Mode: 1}}, true},
 		{"the sender passes", map[sockopsSockKey]socketReport{reader: splicing, sender: {Mode: modePass}}, false},
+		{"the sender hasn't sent", map[sockopsSockKey]socketReport{reader: splicing, sender: {Mode: 0}}, false},
 		{"no splice", map[sockopsSockKey]socketReport{reader: {Mode: modePass}, sender: {Mode: 1}}, false},
 		{"the sender is gone", map[sockopsSockKey]socketReport{reader: splicing}, false},
 	} {
