@@ -125,7 +125,7 @@ func Run(ctx context.Context, opts Options) error {
 		}
 		defer metricsLn.Close() // for a start that fails; the server's shutdown closes it otherwise
 	}
-	if err := d.up(cfg); err != nil {
+	if err := d.up(ctx, cfg); err != nil {
 		return err
 	}
 	// Whatever ends the daemon from here on, --down-on-exit takes the
@@ -168,7 +168,7 @@ func (d *daemon) serve(ctx context.Context, metricsLn net.Listener) error {
 		select {
 		case <-ctx.Done():
 		case <-opts.Reload:
-			d.reload()
+			d.reload(ctx)
 		}
 	}
 	wg.Wait()
@@ -240,17 +240,14 @@ func resolve(cfg datapath.Config) (datapath.Config, error) {
 	return cfg, err
 }
 
-func (d *daemon) up(cfg datapath.Config) error {
+// up runs datapath.Up; ctx ends only a wait for another up or down.
+func (d *daemon) up(ctx context.Context, cfg datapath.Config) error {
 	d.datapathMu.Lock()
 	defer d.datapathMu.Unlock()
-	_, err := datapath.Up(cfg)
-	if errors.Is(err, datapath.ErrMapSizeFixed) {
-		// Refusing to start would leave what is up without its upkeep
-		// (and a service manager restarting the daemon in a loop).
-		d.log.Warn("keeping the map size of the datapath that is up", zap.Error(err))
-		cfg.MapSize = 0
-		_, err = datapath.Up(cfg)
-	}
+	// Refusing to start over the size would leave what is up without its
+	// upkeep (and a service manager restarting the daemon in a loop).
+	cfg.KeepMapSize = true
+	_, err := datapath.UpContext(ctx, cfg)
 	return err
 }
 
@@ -265,6 +262,8 @@ func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 			d.addrsLeftOut = err.Error()
 		}
 		return nil // the addresses that fit are in place: nothing to try again
+	case err == nil:
+		d.addrsLeftOut = ""
 	case errors.Is(err, datapath.ErrNotUp):
 		// Taken down (the upkeep says so, once): the tracker's next
 		// rescan after an up puts the addresses in.
@@ -278,7 +277,7 @@ func (d *daemon) setLocalAddrs(addrs []netip.Addr) error {
 // datapath back if someone took it down, and upgrades it in place after a
 // new build was installed. Then the local addresses are listed afresh. A
 // failed reload leaves what runs as it was.
-func (d *daemon) reload() {
+func (d *daemon) reload(ctx context.Context) {
 	d.log.Info("reloading")
 	cfg, err := d.config()
 	if err == nil {
@@ -289,7 +288,7 @@ func (d *daemon) reload() {
 			d.cgroup, d.pinDir)
 	}
 	if err == nil {
-		err = d.up(cfg)
+		err = d.up(ctx, cfg)
 	}
 	if err != nil {
 		d.log.Error("reload failed; carrying on as before", zap.Error(err))

@@ -24,8 +24,12 @@ type Config struct {
 	PinDir string
 	// MapSize is how many sockets sock_hash holds; 0 means DefaultMapSize
 	// for a new datapath and the size it has for one that is up. The size
-	// of a datapath that is up can't change.
+	// of a datapath that is up can't change: another one is an error
+	// (ErrMapSizeFixed), unless KeepMapSize.
 	MapSize uint32
+	// KeepMapSize makes Up keep the size of a datapath that is up, with a
+	// warning, where MapSize asks for another.
+	KeepMapSize bool
 	// PassOnly pairs sockets as usual but sends every message over TCP,
 	// which measures what the hooks alone cost.
 	PassOnly bool
@@ -110,8 +114,12 @@ func UpContext(ctx context.Context, cfg Config) (UpResult, error) {
 			return "", err
 		}
 		if requestedSize != 0 && requestedSize != meta.MapSize {
-			return "", fmt.Errorf("%w: the sockhash under %s holds %d sockets, not %d: "+
+			err := fmt.Errorf("%w: the sockhash under %s holds %d sockets, not %d: "+
 				"run `sockredir down --pin-dir %s`, then up with the new size", ErrMapSizeFixed, cfg.PinDir, meta.MapSize, requestedSize, cfg.PinDir)
+			if !cfg.KeepMapSize {
+				return "", err
+			}
+			cfg.Log.Warn("keeping the map size of the datapath that is up", zap.Error(err))
 		}
 		cfg.MapSize = meta.MapSize
 	}
