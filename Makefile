@@ -52,10 +52,10 @@ test-kernels: ## The end-to-end tests on this kernel and inside Debian's 6.1 and
 	mkdir -p $(BUILD)
 	CGO_ENABLED=0 $(GO) test -c -o $(BUILD)/e2e.test ./test
 	$(MAKE) build
-	$(GO) run ./test/kernels --host --bin $(BUILD)/e2e.test --bin $(BUILD)/sockredir \
+	$(GO) run ./test/kernels --host --timeout 25m --bin $(BUILD)/e2e.test --bin $(BUILD)/sockredir \
 		--env SOCKREDIR_TEST_BYTES=$(VM_TEST_BYTES) --env SOCKREDIR_TEST_LARGE_BYTES=$(VM_LARGE_BYTES) \
 		--json $(BUILD)/kernel-matrix.json --markdown $(BUILD)/kernel-matrix.md \
-		-- /bin/e2e.test -test.v -test.timeout 12m -test.skip 'TestBench'
+		-- /bin/e2e.test -test.v -test.timeout 20m -test.skip 'TestBench'
 
 bench: build ## Compare TCP, sockredir, its hooks alone and AF_UNIX on this host (root; ~4 min, chart in build/)
 	$(BUILD)/sockredir bench --chart $(BUILD)/benchmarks.svg

@@ -1,10 +1,15 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A serial console as the VM prints it: CRLF line ends, a kernel message
@@ -133,5 +138,25 @@ func TestWhyBootAgain(t *testing.T) {
 		if why := report.whyBootAgain(c.result); (why != "") != c.again {
 			t.Errorf("whyBootAgain(%q) = %q for console\n%s", c.result, why, c.console)
 		}
+	}
+}
+
+// A VM whose console shows no test starting within the limit is stopped;
+// one that started its tests is left to run.
+func TestWatchFirstTest(t *testing.T) {
+	for console, wantStopped := range map[string]bool{
+		"SOCKREDIR-UNAME 6.1.0-57-cloud-amd64\n":                         true,
+		"SOCKREDIR-UNAME 6.1.0-57-cloud-amd64\n=== RUN   TestAppRedis\n": false,
+	} {
+		log := filepath.Join(t.TempDir(), "console.log")
+		if err := os.WriteFile(log, []byte(console), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		ctx, stop := context.WithCancelCause(context.Background())
+		watchFirstTest(ctx, log, 10*time.Millisecond, stop)
+		if stopped := errors.Is(context.Cause(ctx), errNoTestYet); stopped != wantStopped {
+			t.Errorf("stopped: %v, want %v, for console %q", stopped, wantStopped, console)
+		}
+		stop(nil)
 	}
 }

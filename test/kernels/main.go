@@ -32,6 +32,7 @@ type options struct {
 	modules      []string
 	host         bool
 	timeout      time.Duration
+	startTimeout time.Duration
 	cacheDir     string
 	logDir       string
 	jsonPath     string
@@ -56,6 +57,7 @@ func parseFlags() (*options, error) {
 	flag.StringVar(&modules, "modules", "veth,bridge", "comma-separated kernel `modules` to load in the VM (dependencies are added)")
 	flag.BoolVar(&opts.host, "host", false, "also run the command natively on the host, as the first column")
 	flag.DurationVar(&opts.timeout, "timeout", 15*time.Minute, "per-kernel time limit, boot included")
+	flag.DurationVar(&opts.startTimeout, "start-timeout", 5*time.Minute, "time a VM has to boot and start its first test")
 	flag.StringVar(&opts.cacheDir, "cache", defaultCacheDir(), "`dir` for downloaded kernel packages and extracted kernels")
 	flag.StringVar(&opts.logDir, "log-dir", filepath.Join("build", "kernel-logs"), "`dir` for one console log per kernel")
 	flag.StringVar(&opts.jsonPath, "json", "", "write the matrix as JSON to `file`")
@@ -87,8 +89,8 @@ func parseFlags() (*options, error) {
 			return nil, err
 		}
 	}
-	if opts.timeout <= 0 {
-		return nil, errors.New("--timeout must be positive")
+	if opts.timeout <= 0 || opts.startTimeout <= 0 {
+		return nil, errors.New("--timeout and --start-timeout must be positive")
 	}
 	return &opts, nil
 }

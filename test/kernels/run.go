@@ -107,6 +107,9 @@ func boot(k *kernel, opts *options, col *column) (result string) {
 	fmt.Printf("== %s: booting %s under qemu (TCG)\n", k.release, k.pkg)
 	ctx, cancel := context.WithTimeout(context.Background(), opts.timeout)
 	defer cancel()
+	ctx, noTestYet := context.WithCancelCause(ctx)
+	defer noTestYet(nil)
+	go watchFirstTest(ctx, col.Log, opts.startTimeout, noTestYet)
 	qemu := exec.CommandContext(ctx, "qemu-system-x86_64",
 		"-accel", "tcg", // KVM is not usable on our machines
 		"-m", "2048", "-smp", "2",
@@ -122,6 +125,7 @@ func boot(k *kernel, opts *options, col *column) (result string) {
 		"-append", "console=ttyS0 panic=-1 quiet no_timer_check")
 	qemuErr := runLogged(qemu, col.Log, opts.verbose)
 	timedOut := ctx.Err() != nil
+	noTest := errors.Is(context.Cause(ctx), errNoTestYet)
 	console, err := parseConsoleFile(col.Log)
 	if err != nil {
 		return "error: " + err.Error()
@@ -131,6 +135,8 @@ func boot(k *kernel, opts *options, col *column) (result string) {
 		col.Name, col.Kernel = console.release, console.release
 	}
 	switch {
+	case noTest:
+		return fmt.Sprintf("no test started within %s", opts.startTimeout)
 	case timedOut:
 		return fmt.Sprintf("timeout after %s", opts.timeout)
 	case !console.exited && qemuErr != nil:
@@ -143,6 +149,22 @@ func boot(k *kernel, opts *options, col *column) (result string) {
 		return fmt.Sprintf("exit %d", console.exitCode)
 	}
 	return resultOK
+}
+
+// errNoTestYet stops a guest that started no test within --start-timeout.
+var errNoTestYet = errors.New("no test started")
+
+// watchFirstTest stops the VM (stop) unless its console (log) shows a test
+// starting within limit: a guest kernel stuck while booting would otherwise
+// use up the whole time limit before it is booted again.
+func watchFirstTest(ctx context.Context, log string, limit time.Duration, stop context.CancelCauseFunc) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(limit):
+		if console, err := os.ReadFile(log); err == nil && !currentTestLine.Match(console) {
+			stop(errNoTestYet)
+		}
+	}
 }
 
 // runOnHost runs the command natively, with each --bin's VM path
