@@ -270,3 +270,18 @@ func TestCLIUpStopsWaitingOnCtrlC(t *testing.T) {
 		t.Errorf("sock_ops programs attached: %v", ids)
 	}
 }
+
+// down removes an empty pin directory, which an up killed before its first
+// pin leaves, and says nothing was up.
+func TestCLIDownRemovesAnEmptyPinDir(t *testing.T) {
+	e := harness.New(t)
+	if err := os.Mkdir(e.PinDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if r := runCLI(t, nil, "down", "--pin-dir", e.PinDir); r.code != 0 || !strings.Contains(r.stderr, "not up") {
+		t.Errorf("down: exit %d, stderr %q; want 0 and that nothing was up", r.code, r.stderr)
+	}
+	if _, err := os.Stat(e.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the empty pin directory is still there: %v", err)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -67,8 +68,15 @@ func Down(opts DownOptions) (bool, error) {
 	}
 	defer unlock()
 	meta, err := p.meta()
-	if err != nil || meta == nil {
+	if err != nil {
 		return false, err
+	}
+	if meta == nil {
+		// Empty: an up killed before its first pin made it.
+		if err := os.Remove(opts.PinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false, err
+		}
+		return false, nil
 	}
 	if err := meta.checkABI(opts.PinDir); err != nil {
 		return true, err
