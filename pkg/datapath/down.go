@@ -180,9 +180,9 @@ func drain(maps map[string]*ebpf.Map, cgroup string, opts DownOptions) error {
 // inSplicePair reports whether the socket under key (report r) redirects
 // to a splice reader, or is one that its peer redirects to: the sender goes
 // on after `down` too (bpf/redirect.c); one that hasn't sent yet won't
-// redirect any more. Out of the map, the sender would
-// send over TCP, and splice would read those bytes past the ones waiting;
-// the reader would lose what its peer redirects after the inspection.
+// redirect any more. Out of the map, the sender would send over TCP, and
+// splice would read those bytes past the ones waiting; the reader would
+// lose what its peer redirects after the inspection.
 func inSplicePair(key sockopsSockKey, r socketReport, reports map[sockopsSockKey]socketReport) bool {
 	var peerKey sockopsSockKey
 	mirrorKey(&key, &peerKey)
