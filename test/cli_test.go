@@ -234,6 +234,15 @@ func TestCLIUpInterrupted(t *testing.T) {
 // with nothing attached.
 func TestCLIUpStopsWaitingOnCtrlC(t *testing.T) {
 	e := harness.New(t)
+	checkStopsWaiting(t, e, os.Interrupt, "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir)
+}
+
+// checkStopsWaiting runs sockredir with args while the lock of e's pin
+// directory is held, as a running down holds it, sends it sig after half a
+// second, and fails t unless it ends with exit 1 saying it stopped waiting,
+// with nothing attached.
+func checkStopsWaiting(t *testing.T, e *harness.Env, sig os.Signal, args ...string) {
+	t.Helper()
 	if err := os.Mkdir(e.PinDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -243,27 +252,27 @@ func TestCLIUpStopsWaitingOnCtrlC(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer held.Close()
-	if err := unix.Flock(int(held.Fd()), unix.LOCK_EX); err != nil { // as a running down holds it
+	if err := unix.Flock(int(held.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
-	up := exec.Command(sockredirBinary(t), "up", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir)
+	cmd := exec.Command(sockredirBinary(t), args...)
 	var stderr bytes.Buffer
-	up.Stderr = &stderr
-	if err := up.Start(); err != nil {
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(500 * time.Millisecond)
-	up.Process.Signal(os.Interrupt) // by pid: the process this test started
+	cmd.Process.Signal(sig) // by pid: the process this test started
 	done := make(chan struct{})
-	go func() { up.Wait(); close(done) }()
+	go func() { cmd.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
-		up.Process.Kill()
+		cmd.Process.Kill()
 		<-done
-		t.Fatal("up went on waiting after Ctrl-C")
+		t.Fatalf("sockredir %s went on waiting after %s", args[0], sig)
 	}
-	if code := up.ProcessState.ExitCode(); code != 1 || !strings.Contains(stderr.String(), "stopped waiting for another sockredir up or down") {
+	if code := cmd.ProcessState.ExitCode(); code != 1 || !strings.Contains(stderr.String(), "stopped waiting for another sockredir up or down") {
 		t.Errorf("exit %d, stderr %q: want 1 and that it stopped waiting", code, stderr.String())
 	}
 	if ids := e.AttachedSockOps(); len(ids) != 0 {

@@ -2,7 +2,6 @@ package test
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -545,39 +544,5 @@ func TestDaemonKeepsTheMapSize(t *testing.T) {
 // directory, with nothing attached.
 func TestDaemonStopsWaitingOnSIGTERM(t *testing.T) {
 	e := harness.New(t)
-	if err := os.Mkdir(e.PinDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	defer os.Remove(e.PinDir)
-	held, err := os.Open(e.PinDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-	if err := unix.Flock(int(held.Fd()), unix.LOCK_EX); err != nil { // as a running down holds it
-		t.Fatal(err)
-	}
-	daemon := exec.Command(sockredirBinary(t), "daemon", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir)
-	var stderr bytes.Buffer
-	daemon.Stderr = &stderr
-	if err := daemon.Start(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond)
-	daemon.Process.Signal(syscall.SIGTERM) // by pid: the process this test started
-	done := make(chan struct{})
-	go func() { daemon.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		daemon.Process.Kill()
-		<-done
-		t.Fatal("the daemon went on waiting after SIGTERM")
-	}
-	if code := daemon.ProcessState.ExitCode(); code != 1 || !strings.Contains(stderr.String(), "stopped waiting for another sockredir up or down") {
-		t.Errorf("exit %d, stderr %q: want 1 and that it stopped waiting", code, stderr.String())
-	}
-	if ids := e.AttachedSockOps(); len(ids) != 0 {
-		t.Errorf("sock_ops programs attached: %v", ids)
-	}
+	checkStopsWaiting(t, e, syscall.SIGTERM, "daemon", "--cgroup", e.Cgroup, "--pin-dir", e.PinDir)
 }

@@ -1108,13 +1108,46 @@ func rcvlowatThenSplice(c Case, client, server *net.TCPConn) (*CaseResult, error
 // refusalToSpliceReader: the client's first c.Bytes wait for the server,
 // which then begins to splice; the client sets SO_RCVLOWAT (its own reads
 // would go back to TCP), sends c.Bytes more and stays connected for two
-// seconds. Values: received, and prefix_matches 1 if what the server read,
-// however it ended, is the start of what was sent: a hole never is.
+// seconds. Values as for toSpliceReader.
 func refusalToSpliceReader(c Case, client, server *net.TCPConn) (*CaseResult, error) {
-	res := newResult()
 	sent := make([]byte, 2*c.Bytes)
 	rand.NewChaCha8(seedBytes(65)).Read(sent)
-	if _, err := client.Write(sent[:c.Bytes]); err != nil {
+	return toSpliceReader(sent[:c.Bytes], sent, client, server, func() error {
+		time.Sleep(200 * time.Millisecond) // the server splices
+		if err := setRcvlowat(client, 2); err != nil {
+			return err
+		}
+		_, err := client.Write(sent[c.Bytes:])
+		time.Sleep(2 * time.Second) // longer than the upkeep leaves a splice reader's queue unread
+		return err
+	})
+}
+
+// spliceReaderDuringDown: the server begins to splice(2) once c.Bytes have
+// been sent to it, while the client goes on sending 32 more pieces of
+// c.Bytes/8, one every 100 ms, for a test that runs `down` meanwhile. Values
+// as for toSpliceReader.
+func spliceReaderDuringDown(c Case, client, server *net.TCPConn) (*CaseResult, error) {
+	const pieces = 32
+	sent := make([]byte, c.Bytes+pieces*(c.Bytes/8))
+	rand.NewChaCha8(seedBytes(66)).Read(sent)
+	return toSpliceReader(sent[:c.Bytes], sent, client, server, func() error {
+		var err error
+		for rest := sent[c.Bytes:]; len(rest) > 0 && err == nil; rest = rest[c.Bytes/8:] {
+			time.Sleep(100 * time.Millisecond)
+			_, err = client.Write(rest[:c.Bytes/8])
+		}
+		return err
+	})
+}
+
+// toSpliceReader sends first, lets the server begin to splice(2) once it is
+// readable, has the client send the rest of sent (then), and half-closes.
+// Values: received, "read fallback", and prefix_matches 1 if what the
+// server read, however it ended, is the start of sent: a hole never is.
+func toSpliceReader(first, sent []byte, client, server *net.TCPConn, then func() error) (*CaseResult, error) {
+	res := newResult()
+	if _, err := client.Write(first); err != nil {
 		return nil, err
 	}
 	if err := waitReadable(server, 5*time.Second); err != nil {
@@ -1127,53 +1160,7 @@ func refusalToSpliceReader(c Case, client, server *net.TCPConn) (*CaseResult, er
 		res.Values["read fallback"] = int64(fellBack)
 		readErr <- err
 	}()
-	time.Sleep(200 * time.Millisecond) // the server splices
-	if err := setRcvlowat(client, 2); err != nil {
-		return nil, err
-	}
-	_, err := client.Write(sent[c.Bytes:])
-	time.Sleep(2 * time.Second) // longer than the upkeep leaves a splice reader's queue unread
-	if err := errors.Join(err, client.CloseWrite()); err != nil {
-		res.Errors["client"] = err.Error()
-	}
-	if err := <-readErr; err != nil {
-		res.Errors["server"] = err.Error()
-	}
-	res.Values["received"] = int64(read.Len())
-	if bytes.HasPrefix(sent, read.Bytes()) {
-		res.Values["prefix_matches"] = 1
-	}
-	return res, nil
-}
-
-// spliceReaderDuringDown: the server begins to splice(2) once c.Bytes have
-// been sent to it, while the client goes on sending 32 more pieces of
-// c.Bytes/8, one every 100 ms, for a test that runs `down` meanwhile. Values
-// as for refusalToSpliceReader: what the server read must be a prefix of
-// the stream.
-func spliceReaderDuringDown(c Case, client, server *net.TCPConn) (*CaseResult, error) {
-	res := newResult()
-	const pieces = 32
-	sent := make([]byte, c.Bytes+pieces*(c.Bytes/8))
-	rand.NewChaCha8(seedBytes(66)).Read(sent)
-	if _, err := client.Write(sent[:c.Bytes]); err != nil {
-		return nil, err
-	}
-	if err := waitReadable(server, 5*time.Second); err != nil {
-		return nil, err
-	}
-	var read bytes.Buffer
-	readErr := make(chan error, 1)
-	go func() {
-		_, _, err := spliceRead(server, syscallSplice, -1, &read)
-		readErr <- err
-	}()
-	var err error
-	for rest := sent[c.Bytes:]; len(rest) > 0 && err == nil; rest = rest[c.Bytes/8:] {
-		time.Sleep(100 * time.Millisecond)
-		_, err = client.Write(rest[:c.Bytes/8])
-	}
-	if err := errors.Join(err, client.CloseWrite()); err != nil {
+	if err := errors.Join(then(), client.CloseWrite()); err != nil {
 		res.Errors["client"] = err.Error()
 	}
 	select {
@@ -1182,7 +1169,7 @@ func spliceReaderDuringDown(c Case, client, server *net.TCPConn) (*CaseResult, e
 			res.Errors["server"] = err.Error()
 		}
 	case <-time.After(10 * time.Second):
-		return nil, fmt.Errorf("the splice reader still waits, with %d bytes read, 10 s after its peer's end", read.Len())
+		return nil, errors.New("the splice reader still waits, 10 s after its peer's end")
 	}
 	res.Values["received"] = int64(read.Len())
 	res.Values["prefix_matches"] = boolValue(bytes.HasPrefix(sent, read.Bytes()))
