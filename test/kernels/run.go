@@ -70,11 +70,10 @@ func (r *consoleReport) whyBootAgain(result string) string {
 		// not even when its own timeout should have fired.
 		return "before the first test started"
 	case r.patchTrap:
-		// The guest kernel died of an int3 trap, seen at
-		// bpf_lsm_file_permission+0x5 while BPF trampolines come and go:
-		// most likely the breakpoint that text_poke_bp puts in while it
-		// patches code, hit under qemu's TCG after the patching had
-		// finished, which a real CPU doesn't do (docs/kernels.md).
+		// The guest kernel died of an int3 trap: the breakpoint that
+		// text_poke_bp puts in while it patches code, hit after the
+		// patching had finished. Multi-threaded TCG did that (the
+		// runner now uses one thread); a real CPU doesn't.
 		return "after an int3 trap at a code patching site"
 	}
 	return ""
@@ -111,7 +110,11 @@ func boot(k *kernel, opts *options, col *column) (result string) {
 	defer noTestYet(nil)
 	go watchFirstTest(ctx, col.Log, opts.startTimeout, noTestYet)
 	qemu := exec.CommandContext(ctx, "qemu-system-x86_64",
-		"-accel", "tcg", // KVM is not usable on our machines
+		// KVM is not usable on our machines. One TCG thread for both
+		// vCPUs: with one thread each, a vCPU can run code that another
+		// has just patched (text_poke_bp's int3) and the guest dies of
+		// an int3 Oops when BPF trampolines come and go (docs/kernels.md).
+		"-accel", "tcg,thread=single",
 		"-m", "2048", "-smp", "2",
 		// Like -nographic, but without SeaBIOS's terminal-reset escapes
 		// in the console.
