@@ -5,8 +5,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -351,6 +354,70 @@ func TestUpRecoversFromInterruptedDown(t *testing.T) {
 	}
 	if c := transferOn(t, e, "127.0.0.1:0", 13); c.BytesRedirected == 0 {
 		t.Errorf("not accelerating after recovery: %+v", c)
+	}
+}
+
+// up and down switch the guards' BPF trampolines on hooks that every
+// read(2) and write(2) runs through, so the kernel patches that code while
+// other CPUs are in it. A busy host must go on running through several
+// rounds. (Under qemu with a TCG thread per vCPU, this killed the 6.12
+// guest in the first round: docs/kernels.md.)
+func TestUpDownWhileOtherCPUsReadAndWrite(t *testing.T) {
+	e := harness.New(t)
+	var stop atomic.Bool
+	calls := make([]atomic.Int64, max(2, runtime.NumCPU()))
+	var workers sync.WaitGroup
+	for i := range calls {
+		workers.Go(func() { readAndWriteUntil(t, &stop, &calls[i]) })
+	}
+	defer workers.Wait()
+	defer stop.Store(true)
+
+	for round := range 10 {
+		before := make([]int64, len(calls))
+		for i := range calls {
+			before[i] = calls[i].Load()
+		}
+		if res := e.Up(datapath.Config{}); res != datapath.Attached {
+			t.Fatalf("round %d: up: %s, want %s", round, res, datapath.Attached)
+		}
+		if wasUp, err := datapath.Down(datapath.DownOptions{PinDir: e.PinDir}); err != nil || !wasUp {
+			t.Fatalf("round %d: down: %v (was up: %v)", round, err, wasUp)
+		}
+		for i := range calls {
+			if calls[i].Load() == before[i] {
+				t.Errorf("round %d: worker %d made no system call during up and down", round, i)
+			}
+		}
+	}
+}
+
+// readAndWriteUntil copies /dev/zero to /dev/null a byte at a time, one
+// read and one write per byte, counting them, until stop is set.
+func readAndWriteUntil(t *testing.T, stop *atomic.Bool, calls *atomic.Int64) {
+	zero, err := os.Open("/dev/zero")
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	defer zero.Close()
+	null, err := os.OpenFile("/dev/null", os.O_WRONLY, 0)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	defer null.Close()
+	b := make([]byte, 1)
+	for !stop.Load() {
+		if _, err := zero.Read(b); err != nil {
+			t.Error(err)
+			return
+		}
+		if _, err := null.Write(b); err != nil {
+			t.Error(err)
+			return
+		}
+		calls.Add(2)
 	}
 }
 
