@@ -359,9 +359,9 @@ func TestUpRecoversFromInterruptedDown(t *testing.T) {
 
 // up and down switch the guards' BPF trampolines on hooks that every
 // read(2) and write(2) runs through, so the kernel patches that code while
-// other CPUs are in it. A busy host must go on running through several
-// rounds. (Under qemu with a TCG thread per vCPU, this killed the 6.12
-// guest in the first round: docs/kernels.md.)
+// other CPUs are in it. A busy host must go on running through every
+// round. (Under qemu with a TCG thread per vCPU, this killed the 6.12
+// guest: docs/kernels.md.)
 func TestUpDownWhileOtherCPUsReadAndWrite(t *testing.T) {
 	e := harness.New(t)
 	var stop atomic.Bool
