@@ -35,18 +35,33 @@ var ErrLocalAddrsFull = errors.New("the local address map is full")
 // replaceLocalAddrs makes m hold exactly addrs, or as many as fit: the
 // lowest ones, so that the same addresses always make it. Stale addresses go
 // out first, so that a full map makes room for new ones: an address missing
-// meanwhile only costs acceleration.
+// meanwhile only costs acceleration. Addresses already held are not written
+// again: the daemon calls this at every rescan, with thousands of addresses
+// on some hosts.
 func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
-	want := make(map[[16]byte]uint8, len(addrs))
+	missing := make(map[[16]byte]bool, len(addrs))
 	for _, a := range addrs {
-		want[a.As16()] = 1 // IPv4 in IPv4-mapped form, as the BPF side keys it
+		missing[a.As16()] = true // IPv4 in IPv4-mapped form, as the BPF side keys it
 	}
-	if err := deleteStale(m, want); err != nil {
+	total := len(missing)
+	held, err := heldKeys(m)
+	if err != nil {
+		return fmt.Errorf("updating the local addresses: %w", err)
+	}
+	var stale [][16]byte
+	for _, k := range held {
+		if missing[k] {
+			delete(missing, k)
+		} else {
+			stale = append(stale, k)
+		}
+	}
+	if err := deleteKeys(m, stale); err != nil {
 		return fmt.Errorf("updating the local addresses: %w", err)
 	}
 	left := 0
-	for _, k := range slices.SortedFunc(maps.Keys(want), func(a, b [16]byte) int { return bytes.Compare(a[:], b[:]) }) {
-		switch err := m.Put(k, want[k]); {
+	for _, k := range slices.SortedFunc(maps.Keys(missing), func(a, b [16]byte) int { return bytes.Compare(a[:], b[:]) }) {
+		switch err := m.Put(k, uint8(1)); {
 		case errors.Is(err, unix.E2BIG): // the map is full
 			left++
 		case err != nil:
@@ -55,7 +70,27 @@ func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	}
 	if left > 0 {
 		return fmt.Errorf("%w: %d of the cgroup's %d local addresses don't fit in its %d entries, "+
-			"and connections to them go over TCP", ErrLocalAddrsFull, left, len(want), m.MaxEntries())
+			"and connections to them go over TCP", ErrLocalAddrsFull, left, total, m.MaxEntries())
 	}
 	return nil
+}
+
+// heldKeys lists m's keys, one system call each: their values need no
+// lookup, and nothing but this package writes the map.
+func heldKeys(m *ebpf.Map) ([][16]byte, error) {
+	var (
+		keys [][16]byte
+		key  [16]byte
+		prev any // nil: from the first key
+	)
+	for {
+		switch err := m.NextKey(prev, &key); {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return keys, nil
+		case err != nil:
+			return nil, err
+		}
+		keys = append(keys, key)
+		prev = key
+	}
 }
