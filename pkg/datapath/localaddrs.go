@@ -75,8 +75,9 @@ func replaceLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	return nil
 }
 
-// heldKeys lists m's keys, one system call each: their values need no
-// lookup, and nothing but this package writes the map.
+// heldKeys lists m's keys, one system call each, since their values need
+// no lookup. A NextKey walk can start over if a key is deleted under it;
+// only this package writes the map, and not during the walk.
 func heldKeys(m *ebpf.Map) ([][16]byte, error) {
 	var (
 		keys [][16]byte
